@@ -1,0 +1,5 @@
+"""Lightning Fabric integration."""
+
+from lightning_mics.fabric.strategy import MiCSStrategy
+
+__all__ = ["MiCSStrategy"]

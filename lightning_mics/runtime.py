@@ -1,0 +1,98 @@
+"""`MiCSRuntime`: the state one MiCS run needs, shared by the Trainer and Fabric strategies.
+
+It resolves the topology once the process group exists, checks the node layout, owns
+the device mesh, and offers the per-step operations (shard, micro-step, clip, flush).
+The Lightning adapters only translate their hooks into these calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from lightning_mics.config import MiCSConfig
+from lightning_mics.grad_sync import flush_pending_gradients, micro_step
+from lightning_mics.optim import clip_grad_norm_
+from lightning_mics.sharding import apply_mics
+from lightning_mics.topology import MiCSTopology, build_device_mesh, verify_topology
+
+# NOTE: meshes are shared per layout for the life of the process. A sharded module keeps
+# references to its mesh's process groups, and Lightning reuses one LightningModule
+# across fit/validate/test (often across Trainers), so a strategy must not destroy the
+# groups at teardown while the module can still be used. `destroy_meshes()` frees them.
+_MESHES: dict[tuple[str, int, int, int], DeviceMesh] = {}
+
+
+def get_device_mesh(topology: MiCSTopology, device: torch.device) -> DeviceMesh:
+    """The mesh for ``topology`` on ``device.type``, created once per process."""
+    key = (device.type, topology.world_size, topology.partition_size, topology.ranks_per_node)
+    if key not in _MESHES:
+        _MESHES[key] = build_device_mesh(topology, device)
+    return _MESHES[key]
+
+
+def destroy_meshes() -> None:
+    """Destroy the process groups of every mesh MiCS created in this process."""
+    while _MESHES:
+        _, mesh = _MESHES.popitem()
+        for dim in range(mesh.ndim):
+            group = mesh.get_group(dim)
+            if group is not dist.GroupMember.WORLD and dist.is_initialized():
+                dist.destroy_process_group(group)
+
+
+class MiCSRuntime:
+    """Topology, mesh and per-step operations of one MiCS run."""
+
+    def __init__(self, config: MiCSConfig) -> None:
+        self.config = config
+        self._topology: MiCSTopology | None = None
+        self._mesh: DeviceMesh | None = None
+
+    @property
+    def topology(self) -> MiCSTopology:
+        if self._topology is None:
+            raise RuntimeError("The MiCS topology is resolved once the processes are set up.")
+        return self._topology
+
+    @property
+    def mesh(self) -> DeviceMesh:
+        if self._mesh is None:
+            raise RuntimeError("The MiCS device mesh is created once the processes are set up.")
+        return self._mesh
+
+    def resolve_topology(self, world_size: int, ranks_per_node: int) -> MiCSTopology:
+        """Arithmetic check only (no communication): safe before the process group exists."""
+        self._topology = MiCSTopology.create(
+            world_size,
+            self.config.ranks_per_node or ranks_per_node,
+            self.config.partition_size,
+        )
+        return self._topology
+
+    def setup(self, device: torch.device) -> DeviceMesh:
+        """Collective: verify the node layout against the topology, then build the mesh."""
+        verify_topology(self.topology)
+        self._mesh = get_device_mesh(self.topology, device)
+        return self._mesh
+
+    def shard(self, module: nn.Module, device: torch.device) -> nn.Module:
+        return apply_mics(module, self.mesh, self.config, device=device)
+
+    @contextmanager
+    def micro_step(self, module: nn.Module, *, is_last: bool) -> Iterator[None]:
+        with micro_step(module, is_last=is_last, mode=self.config.accumulation):
+            yield
+
+    def flush(self, module: nn.Module) -> bool:
+        return flush_pending_gradients(module)
+
+    def clip_grad_norm_(
+        self, module: nn.Module, max_norm: float, norm_type: float = 2.0
+    ) -> torch.Tensor:
+        return clip_grad_norm_(module.parameters(), max_norm, norm_type)

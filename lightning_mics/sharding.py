@@ -1,0 +1,183 @@
+"""`apply_mics`: shard a model over MiCS partition groups with FSDP2 ``fully_shard``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import DTensor
+
+from lightning_mics.config import MiCSConfig, WrapPolicy
+from lightning_mics.topology import (
+    REPLICATE_DIM,
+    MiCSTopology,
+    build_device_mesh,
+    verify_topology,
+)
+
+
+def apply_mics(
+    model: nn.Module,
+    topology: MiCSTopology | DeviceMesh,
+    config: MiCSConfig | None = None,
+    *,
+    device: torch.device | None = None,
+) -> nn.Module:
+    """Shard ``model`` in place with MiCS and return it.
+
+    ``fully_shard`` is applied to every module that ``config.wrap_policy`` selects, then
+    to ``model`` itself (the root). ``topology`` is either a :class:`MiCSTopology` (the
+    mesh is built here, after checking the node layout) or a ready ``("replicate",
+    "shard")`` / ``("shard",)`` :class:`DeviceMesh`. Idempotent: a model that is already
+    sharded is returned unchanged.
+
+    A model created on the meta device is materialised on ``device`` after sharding, by
+    calling each module's ``reset_parameters()``.
+    """
+    config = config or MiCSConfig()
+    if isinstance(model, FSDPModule):
+        return model
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ValueError(
+            "Part of the model is already sharded with fully_shard but its root is not. "
+            "Either shard the whole model yourself (and let MiCS leave it) or none of it."
+        )
+    if device is None:
+        device = _infer_device(model)
+    if isinstance(topology, MiCSTopology):
+        verify_topology(topology)
+        mesh = build_device_mesh(topology, device)
+    else:
+        mesh = topology
+
+    mp_policy = MixedPrecisionPolicy(
+        param_dtype=config.param_dtype, reduce_dtype=config.reduce_dtype
+    )
+    offload_policy: OffloadPolicy = (
+        CPUOffloadPolicy(pin_memory=device.type == "cuda")
+        if config.cpu_offload
+        else OffloadPolicy()
+    )
+    should_wrap = _wrap_predicate(config.wrap_policy, model)
+    blocks = [m for m in model.modules() if m is not model and should_wrap(m)]
+    if config.activation_checkpointing:
+        apply_activation_checkpointing(blocks)
+    common = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=config.reshard_after_forward, **common)
+    # NOTE: the root's parameters (embeddings, head) are needed again right at the start
+    # of backward, so torchtitan-style we keep them gathered after forward.
+    fully_shard(model, reshard_after_forward=False, **common)
+    _use_sum_reductions_if_needed(model, mesh)
+
+    if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
+        materialize_meta_module(model, device)
+    if config.sync_replicas:
+        sync_replicas(model, mesh)
+    return model
+
+
+def _infer_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if not tensor.is_meta:
+            return tensor.device
+    return torch.device("cpu")
+
+
+def _wrap_predicate(policy: WrapPolicy, model: nn.Module) -> Callable[[nn.Module], bool]:
+    if policy is None:
+        # Default: the repeated blocks of the model, i.e. the children of every ModuleList.
+        blocks = {
+            id(child)
+            for module in model.modules()
+            if isinstance(module, nn.ModuleList)
+            for child in module
+        }
+        return lambda module: id(module) in blocks
+    if callable(policy) and not isinstance(policy, tuple | list | set | frozenset):
+        return policy
+    classes = tuple(policy)
+    return lambda module: isinstance(module, classes)
+
+
+def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:
+    """Recompute each block's activations in backward (composable, keeps FQNs intact)."""
+    from torch.distributed._composable import checkpoint
+
+    for block in blocks:
+        checkpoint(block)
+
+
+def _use_sum_reductions_if_needed(model: nn.Module, mesh: DeviceMesh) -> None:
+    # NOTE: gloo implements neither AVG nor PREMUL_SUM, which FSDP picks by default for
+    # fp32/bf16 gradients; with sum-only reductions FSDP divides by the data-parallel
+    # size itself after the reduction, which is exactly equivalent.
+    if dist.get_backend(mesh.get_group(mesh.mesh_dim_names[-1])) == "gloo":
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_force_sum_reduction_for_comms(True)
+
+
+def materialize_meta_module(model: nn.Module, device: torch.device) -> None:
+    """Allocate meta parameters/buffers on ``device`` and initialise them.
+
+    Every module that defines ``reset_parameters()`` is re-initialised; call this only
+    after ``fully_shard`` so that each rank allocates just its shard.
+    """
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for module in model.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+
+
+@torch.no_grad()
+def sync_replicas(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Make all replicas identical: replica 0's shards and buffers win.
+
+    FSDP2 has no ``sync_module_states``; ranks seeded differently would otherwise train
+    diverging replicas. Shards are broadcast along the replication group only (each
+    rank sends or receives ``1/partition_size`` of the model); buffers, which are not
+    sharded, are broadcast over the whole mesh.
+    """
+    if mesh.ndim == 2:
+        group = mesh.get_group(REPLICATE_DIM)
+        for param in model.parameters():
+            local = param.to_local() if isinstance(param, DTensor) else param.data
+            _broadcast_inplace(local, group)
+    world = _flat_group(mesh)
+    for buffer in model.buffers():
+        _broadcast_inplace(buffer.data, world)
+
+
+def _flat_group(mesh: DeviceMesh) -> dist.ProcessGroup:
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    return mesh._flatten().get_group()
+
+
+def _broadcast_inplace(tensor: torch.Tensor, group: dist.ProcessGroup) -> None:
+    comm_device = _comm_device(group)
+    if tensor.device == comm_device:
+        dist.broadcast(tensor, group=group, group_src=0)
+    else:  # e.g. CPU-offloaded shards with an NCCL group
+        staged = tensor.to(comm_device)
+        dist.broadcast(staged, group=group, group_src=0)
+        tensor.copy_(staged)
+
+
+def _comm_device(group: dist.ProcessGroup) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,1 @@
+"""Training recipes: model definitions, data and the example trainer for lightning-mics."""
