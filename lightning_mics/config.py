@@ -100,7 +100,9 @@ class MiCSConfig:
                 f"partition_size must be a positive int or 'node', got {self.partition_size!r}."
             )
         if self.ranks_per_node is not None and (
-            not isinstance(self.ranks_per_node, int) or self.ranks_per_node < 1
+            isinstance(self.ranks_per_node, bool)
+            or not isinstance(self.ranks_per_node, int)
+            or self.ranks_per_node < 1
         ):
             raise ValueError(
                 f"ranks_per_node must be a positive int or None, got {self.ranks_per_node!r}."
@@ -114,6 +116,10 @@ class MiCSConfig:
             ) from None
         self.param_dtype = to_dtype(self.param_dtype)
         self.reduce_dtype = to_dtype(self.reduce_dtype)
+        for name in ("activation_checkpointing", "cpu_offload", "sync_replicas"):
+            # NOTE: a string such as "false" would otherwise silently mean True.
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
         rafw = self.reshard_after_forward
         if not isinstance(rafw, bool) and (not isinstance(rafw, int) or rafw < 1):
             raise ValueError(
@@ -122,7 +128,10 @@ class MiCSConfig:
         if isinstance(self.wrap_policy, type):
             self.wrap_policy = (self.wrap_policy,)
         if self.wrap_policy is not None and not callable(self.wrap_policy):
-            classes = tuple(self.wrap_policy)
+            try:
+                classes = tuple(self.wrap_policy)
+            except TypeError:
+                classes = (self.wrap_policy,)
             if not all(isinstance(c, type) and issubclass(c, nn.Module) for c in classes):
                 raise ValueError(
                     "wrap_policy must be a set of nn.Module classes or a callable "

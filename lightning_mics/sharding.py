@@ -136,7 +136,9 @@ def materialize_meta_module(model: nn.Module, device: torch.device) -> None:
     """
     model.to_empty(device=device)
     with torch.no_grad():
-        for module in model.modules():
+        # NOTE: children before parents, so that a parent's own init scheme (e.g. GPT-2's
+        # scaled init in the model's reset_parameters) wins over its children's defaults.
+        for module in reversed(list(model.modules())):
             reset = getattr(module, "reset_parameters", None)
             if callable(reset):
                 reset()

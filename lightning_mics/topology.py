@@ -52,9 +52,9 @@ class MiCSTopology:
         ranks_per_node: int,
         partition_size: PartitionSize = "node",
     ) -> MiCSTopology:
-        if not isinstance(world_size, int) or world_size < 1:
+        if not _is_positive_int(world_size):
             raise MiCSTopologyError(f"world_size must be a positive int, got {world_size!r}.")
-        if not isinstance(ranks_per_node, int) or ranks_per_node < 1:
+        if not _is_positive_int(ranks_per_node):
             raise MiCSTopologyError(
                 f"ranks_per_node must be a positive int, got {ranks_per_node!r}."
             )
@@ -138,6 +138,11 @@ class MiCSTopology:
         )
 
 
+def _is_positive_int(value: object) -> bool:
+    # NOTE: bool is an int subclass; True must not silently mean 1.
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -156,6 +161,8 @@ def check_node_layout(node_ids: Sequence[str], ranks_per_node: int) -> None:
     ``ranks_per_node`` (a multiple, so that one big machine may emulate several small
     nodes). Raises :class:`MiCSTopologyError` naming the offending ranks.
     """
+    if not node_ids:
+        raise MiCSTopologyError("No node identities given: the process group has no ranks.")
     blocks: list[tuple[str, list[int]]] = []
     for rank, node in enumerate(node_ids):
         if blocks and blocks[-1][0] == node:
@@ -180,7 +187,7 @@ def check_node_layout(node_ids: Sequence[str], ranks_per_node: int) -> None:
             "launch the same number of processes on every node."
         )
     per_node = next(iter(sizes.values()))
-    if len(seen) > 1 and per_node % ranks_per_node != 0:
+    if per_node % ranks_per_node != 0:
         raise MiCSTopologyError(
             f"Each node runs {per_node} ranks but ranks_per_node={ranks_per_node}, which does "
             f"not divide it. Set ranks_per_node to {per_node} (or a divisor of it to emulate "

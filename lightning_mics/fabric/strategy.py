@@ -117,6 +117,9 @@ class MiCSStrategy(ParallelStrategy):
         return self._process_group_backend
 
     def _configure_launcher(self) -> None:
+        # NOTE: check the layout arithmetic here, when the Trainer/Fabric is built and
+        # before any process is launched, so that bad input fails once, up front.
+        self.mics.resolve_topology(self.num_nodes * self.num_processes, self.num_processes)
         assert self.cluster_environment is not None
         if not self.cluster_environment.creates_processes_externally:
             self._launcher = _SubprocessScriptLauncher(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,62 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--mode", default="two_hop")
+    p.add_argument("--configs", default="", help="k:p:s[:mode],... (see RunConfig)")
+    p.add_argument("--clip", type=float, default=None, help="clip gradients to this norm")
+    p.add_argument("--skip-last", action="store_true", help="skip each window's last backward")
+    p.add_argument("--extra", type=int, default=0, help="micro-batches in a short last window")
     return p
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One MiCS configuration of a parity run."""
+
+    ranks_per_node: int
+    partition_size: int | str
+    accum: int
+    mode: str = "two_hop"
+
+    def __str__(self) -> str:
+        return f"k{self.ranks_per_node}-p{self.partition_size}-s{self.accum}-{self.mode}"
+
+
+def parse_configs(text: str) -> list[RunConfig]:
+    """``"2:4:4,2:2:1:every_micro_step"`` -> RunConfigs."""
+    configs = []
+    for item in filter(None, text.split(",")):
+        k, p, s, *mode = item.split(":")
+        configs.append(RunConfig(int(k), partition_size(p), int(s), *mode))
+    return configs
+
+
+def compare_with_reference(
+    losses: list[float],
+    state: dict[str, torch.Tensor],
+    world_size: int,
+    micro_batch: int,
+    accum: int,
+    steps: int,
+    clip: float | None = None,
+    skip_last: bool = False,
+    extra: int = 0,
+) -> dict[str, Any]:
+    """Max abs differences of parameters and per-micro-step losses vs the reference.
+
+    Runs the reference on rank 0 only; other ranks return an empty dict.
+    """
+    if dist.get_rank() != 0:
+        return {}
+    ref_losses, ref_state = reference_run(
+        world_size, micro_batch, accum, steps, clip=clip, skip_last=skip_last, extra=extra
+    )
+    return {
+        "param_diff": max_abs_diff(state, ref_state),
+        "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))
+        if len(losses) == len(ref_losses)
+        else f"{len(losses)} losses vs {len(ref_losses)} in the reference",
+        "num_losses": len(losses),
+    }
 
 
 def partition_size(value: str) -> int | str:
@@ -45,15 +101,22 @@ def make_model(seed: int = 0) -> GPT:
     return GPT(TINY)
 
 
-def make_dataset(world_size: int, micro_batch: int, accum: int, steps: int) -> SyntheticTokens:
-    return SyntheticTokens(world_size * micro_batch * accum * steps, SEQ_LEN, TINY.vocab_size)
+def make_dataset(
+    world_size: int, micro_batch: int, accum: int, steps: int, extra: int = 0
+) -> SyntheticTokens:
+    """``steps`` full accumulation windows plus ``extra`` micro-batches (a short last
+    window at the end of the epoch)."""
+    num_micro_batches = accum * steps + extra
+    return SyntheticTokens(world_size * micro_batch * num_micro_batches, SEQ_LEN, TINY.vocab_size)
 
 
-def make_loader(world_size: int, micro_batch: int, accum: int, steps: int) -> DataLoader:
+def make_loader(
+    world_size: int, micro_batch: int, accum: int, steps: int, extra: int = 0
+) -> DataLoader:
     """This rank's loader: a strided, unshuffled slice of the dataset (what a
     non-shuffling DistributedSampler yields), so that the union over ranks of each
     micro-batch is the reference's global micro-batch."""
-    dataset = make_dataset(world_size, micro_batch, accum, steps)
+    dataset = make_dataset(world_size, micro_batch, accum, steps, extra)
     sampler = DistributedSampler(
         dataset,
         num_replicas=world_size,
@@ -68,20 +131,34 @@ def make_optimizer(params) -> torch.optim.Optimizer:
 
 
 def reference_run(
-    world_size: int, micro_batch: int, accum: int, steps: int, clip: float | None = None
+    world_size: int,
+    micro_batch: int,
+    accum: int,
+    steps: int,
+    clip: float | None = None,
+    skip_last: bool = False,
+    extra: int = 0,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """One process, global batch ``world_size * micro_batch``: the ground truth."""
+    """One process, global batch ``world_size * micro_batch``: the ground truth.
+
+    ``skip_last`` runs no backward for the last micro-step of each window (as when a
+    ``training_step`` returns None) while the optimizer still steps. ``extra``
+    micro-batches form a short last window that steps at the end of the epoch.
+    """
     model = make_model()
     opt = make_optimizer(model.parameters())
     data = DataLoader(
-        make_dataset(world_size, micro_batch, accum, steps), batch_size=world_size * micro_batch
+        make_dataset(world_size, micro_batch, accum, steps, extra),
+        batch_size=world_size * micro_batch,
     )
     losses = []
     for i, (x, y) in enumerate(data):
         loss = GPT.loss(model(x), y)
-        (loss / accum).backward()
+        is_last = (i + 1) % accum == 0 or i == len(data) - 1
+        if not (skip_last and is_last):
+            (loss / accum).backward()
         losses.append(loss.item())
-        if (i + 1) % accum == 0:
+        if is_last:
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()

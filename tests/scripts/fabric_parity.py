@@ -1,0 +1,67 @@
+"""MiCS through Fabric vs a single-process reference on the same global batch."""
+
+from __future__ import annotations
+
+import os
+
+from lightning.fabric import Fabric
+
+from lightning_mics.fabric import MiCSStrategy
+from recipes.gpt import GPT
+from tests.scripts import common
+
+
+def run(cfg: common.RunConfig, world: int, args) -> tuple[list[float], dict]:
+    steps, micro_batch, clip = args.steps, args.micro_batch, args.clip
+    fabric = Fabric(
+        strategy=MiCSStrategy(
+            partition_size=cfg.partition_size,
+            ranks_per_node=cfg.ranks_per_node,
+            accumulation=cfg.mode,
+        ),
+        accelerator="cpu",
+        devices=world,
+    )
+    fabric.launch()
+    model = fabric.setup_module(common.make_model())
+    optimizer = fabric.setup_optimizers(common.make_optimizer(model.parameters()))
+    loader = common.make_loader(world, micro_batch, cfg.accum, steps, args.extra)
+    losses = []
+    for i, (x, y) in enumerate(loader):
+        is_last = (i + 1) % cfg.accum == 0 or i == len(loader) - 1
+        with fabric.no_backward_sync(model, enabled=not is_last):
+            loss = GPT.loss(model(x), y)
+            if not (args.skip_last and is_last):
+                fabric.backward(loss / cfg.accum)
+        losses.append(common.mean_over_world(loss.item()))
+        if is_last:
+            if clip is not None:
+                fabric.clip_gradients(model, optimizer, max_norm=clip)
+            optimizer.step()
+            optimizer.zero_grad()
+    return losses, common.full_state(model)
+
+
+def main() -> None:
+    p = common.parser()
+    args = p.parse_args()
+    world = int(os.environ["WORLD_SIZE"])
+    results = {}
+    for cfg in common.parse_configs(args.configs):
+        losses, state = run(cfg, world, args)
+        results[str(cfg)] = common.compare_with_reference(
+            losses,
+            state,
+            world,
+            args.micro_batch,
+            cfg.accum,
+            args.steps,
+            clip=args.clip,
+            skip_last=args.skip_last,
+            extra=args.extra,
+        )
+    common.report(args.out, **results)
+
+
+if __name__ == "__main__":
+    main()
