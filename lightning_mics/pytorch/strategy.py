@@ -266,7 +266,15 @@ class MiCSStrategy(ParallelStrategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        self._reshard()
         return get_model_state_dict(self.lightning_module, options=options)
+
+    def _reshard(self) -> None:
+        # NOTE: FSDP's state-dict hooks sit on the root wrapper, not on the
+        # LightningModule; reshard explicitly so the root's parameters (kept gathered
+        # after an eval forward) are registered as shards again.
+        if isinstance(self.model, _MiCSRoot):
+            self.model.reshard()
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -283,6 +291,7 @@ class MiCSStrategy(ParallelStrategy):
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        self._reshard()
         return get_optimizer_state_dict(self.lightning_module, optimizer, options=options)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
