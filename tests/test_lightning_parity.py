@@ -32,6 +32,7 @@ CASES = {
     ),
     "fabric-w4": ("fabric_parity.py", 4, "2:1:4,2:2:1,2:4:4", ()),
     "fabric-w8": ("fabric_parity.py", 8, "2:4:1,4:4:4", ()),
+    "fabric-by-name": ("fabric_parity.py", 4, "4:node:2", ("--by-name",)),
     "fabric-clip": ("fabric_parity.py", 4, "2:4:2", ("--clip", 0.05)),
     "fabric-skipped-step-and-short-window": (
         "fabric_parity.py",

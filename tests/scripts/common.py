@@ -188,3 +188,17 @@ def mean_over_world(value: float) -> float:
 def report(out: str, **data: Any) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out).write_text(json.dumps(data))
+
+
+def finish() -> None:
+    """Leave cleanly: free MiCS's meshes and the default group on every rank.
+
+    NOTE: exiting with live gloo groups can abort a rank (SIGABRT) while its peers are
+    still tearing down, which would fail a run that otherwise passed.
+    """
+    from lightning_mics import destroy_meshes
+
+    if dist.is_initialized():
+        dist.barrier()
+        destroy_meshes()
+        dist.destroy_process_group()

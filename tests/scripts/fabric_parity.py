@@ -6,6 +6,7 @@ import os
 
 from lightning.fabric import Fabric
 
+import lightning_mics  # noqa: F401  (registers "mics")
 from lightning_mics.fabric import MiCSStrategy
 from recipes.gpt import GPT
 from tests.scripts import common
@@ -13,15 +14,17 @@ from tests.scripts import common
 
 def run(cfg: common.RunConfig, world: int, args) -> tuple[list[float], dict]:
     steps, micro_batch, clip = args.steps, args.micro_batch, args.clip
-    fabric = Fabric(
-        strategy=MiCSStrategy(
+    if args.by_name:
+        # The registered name: one node of `devices` ranks, partition = the node.
+        assert (cfg.ranks_per_node, cfg.partition_size) == (world, "node"), cfg
+        strategy = "mics"
+    else:
+        strategy = MiCSStrategy(
             partition_size=cfg.partition_size,
             ranks_per_node=cfg.ranks_per_node,
             accumulation=cfg.mode,
-        ),
-        accelerator="cpu",
-        devices=world,
-    )
+        )
+    fabric = Fabric(strategy=strategy, accelerator="cpu", devices=world)
     fabric.launch()
     model = fabric.setup_module(common.make_model())
     optimizer = fabric.setup_optimizers(common.make_optimizer(model.parameters()))
@@ -44,6 +47,7 @@ def run(cfg: common.RunConfig, world: int, args) -> tuple[list[float], dict]:
 
 def main() -> None:
     p = common.parser()
+    p.add_argument("--by-name", action="store_true", help='use strategy="mics"')
     args = p.parse_args()
     world = int(os.environ["WORLD_SIZE"])
     results = {}
@@ -61,6 +65,7 @@ def main() -> None:
             extra=args.extra,
         )
     common.report(args.out, **results)
+    common.finish()
 
 
 if __name__ == "__main__":

@@ -161,6 +161,7 @@ def main() -> None:
         "partition_size": t2.strategy.mics.topology.partition_size,
     }
     common.report(args.out, **out)
+    common.finish()
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ def main() -> None:
             extra=args.extra,
         )
     common.report(args.out, **results)
+    common.finish()
 
 
 if __name__ == "__main__":
