@@ -6,6 +6,7 @@ and Fabric (when Lightning is installed), so ``Trainer(strategy="mics")`` and
 torch.
 """
 
+from lightning_mics.accounting import CommStats, comm_stats
 from lightning_mics.config import AccumulationMode, MiCSConfig
 from lightning_mics.grad_sync import flush_pending_gradients, micro_step
 from lightning_mics.optim import clip_grad_norm_
@@ -17,12 +18,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccumulationMode",
+    "CommStats",
     "MiCSConfig",
     "MiCSTopology",
     "MiCSTopologyError",
     "apply_mics",
     "build_device_mesh",
     "clip_grad_norm_",
+    "comm_stats",
     "destroy_meshes",
     "flush_pending_gradients",
     "micro_step",
@@ -46,6 +49,7 @@ def _register_with_lightning() -> bool:
 
 
 if _register_with_lightning():
+    from lightning_mics.callbacks import CommStatsMonitor
     from lightning_mics.pytorch.strategy import MiCSStrategy
 
-    __all__ += ["MiCSStrategy"]
+    __all__ += ["CommStatsMonitor", "MiCSStrategy"]

@@ -77,6 +77,11 @@ class MiCSConfig:
         wrap_policy: which modules become FSDP units (see :data:`WrapPolicy`).
         sync_replicas: after sharding, copy replica 0's parameters and buffers to the
             other replicas so that they start identical whatever each rank's seed was.
+        comm_stats: record every parameter all-gather, gradient reduce-scatter and
+            cross-replica all-reduce (count, logical bytes, intra- or inter-node) in a
+            :class:`~lightning_mics.accounting.CommStats`, read with
+            :func:`~lightning_mics.accounting.comm_stats`. A few Python operations per
+            collective.
     """
 
     partition_size: PartitionSize = "node"
@@ -89,6 +94,7 @@ class MiCSConfig:
     cpu_offload: bool = False
     wrap_policy: WrapPolicy = field(default=None, repr=False)
     sync_replicas: bool = True
+    comm_stats: bool = True
 
     def __post_init__(self) -> None:
         if self.partition_size != "node" and (
@@ -116,7 +122,12 @@ class MiCSConfig:
             ) from None
         self.param_dtype = to_dtype(self.param_dtype)
         self.reduce_dtype = to_dtype(self.reduce_dtype)
-        for name in ("activation_checkpointing", "cpu_offload", "sync_replicas"):
+        for name in (
+            "activation_checkpointing",
+            "cpu_offload",
+            "sync_replicas",
+            "comm_stats",
+        ):
             # NOTE: a string such as "false" would otherwise silently mean True.
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")

@@ -82,7 +82,7 @@ class MiCSRuntime:
         return self._mesh
 
     def shard(self, module: nn.Module, device: torch.device) -> nn.Module:
-        return apply_mics(module, self.mesh, self.config, device=device)
+        return apply_mics(module, self.topology, self.config, device=device, mesh=self.mesh)
 
     @contextmanager
     def micro_step(self, module: nn.Module, *, is_last: bool) -> Iterator[None]:

@@ -17,11 +17,13 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
+from lightning_mics.accounting import CommStats, install_comm_stats, node_map_for_mesh
 from lightning_mics.config import MiCSConfig, WrapPolicy
 from lightning_mics.topology import (
     REPLICATE_DIM,
     MiCSTopology,
     build_device_mesh,
+    gather_node_ids,
     verify_topology,
 )
 
@@ -32,14 +34,19 @@ def apply_mics(
     config: MiCSConfig | None = None,
     *,
     device: torch.device | None = None,
+    mesh: DeviceMesh | None = None,
 ) -> nn.Module:
     """Shard ``model`` in place with MiCS and return it.
 
     ``fully_shard`` is applied to every module that ``config.wrap_policy`` selects, then
     to ``model`` itself (the root). ``topology`` is either a :class:`MiCSTopology` (the
     mesh is built here, after checking the node layout) or a ready ``("replicate",
-    "shard")`` / ``("shard",)`` :class:`DeviceMesh`. Idempotent: a model that is already
-    sharded is returned unchanged.
+    "shard")`` / ``("shard",)`` :class:`DeviceMesh`. With a :class:`MiCSTopology`, ``mesh``
+    may pass its ready mesh (built and verified earlier), which is then used as is.
+    Idempotent: a model that is already sharded is returned unchanged.
+
+    Unless ``config.comm_stats`` is off, every collective of the sharded model is
+    recorded (see :mod:`lightning_mics.accounting`; read it with ``comm_stats(model)``).
 
     A model created on the meta device is materialised on ``device`` after sharding, by
     calling each module's ``reset_parameters()``.
@@ -55,10 +62,12 @@ def apply_mics(
     if device is None:
         device = _infer_device(model)
     if isinstance(topology, MiCSTopology):
-        verify_topology(topology)
-        mesh = build_device_mesh(topology, device)
+        if mesh is None:
+            verify_topology(topology)
+            mesh = build_device_mesh(topology, device)
     else:
         mesh = topology
+        topology = None
 
     mp_policy = MixedPrecisionPolicy(
         param_dtype=config.param_dtype, reduce_dtype=config.reduce_dtype
@@ -79,12 +88,32 @@ def apply_mics(
     # of backward, so torchtitan-style we keep them gathered after forward.
     fully_shard(model, reshard_after_forward=False, **common)
     _use_sum_reductions_if_needed(model, mesh)
+    if config.comm_stats:
+        install_comm_stats(
+            model,
+            _new_comm_stats(topology, mesh, config.ranks_per_node),
+            mesh.get_group(0) if mesh.ndim == 2 else None,  # FSDP: dim 0 replicates
+        )
 
     if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
         materialize_meta_module(model, device)
     if config.sync_replicas:
         sync_replicas(model, mesh)
     return model
+
+
+def _new_comm_stats(
+    topology: MiCSTopology | None, mesh: DeviceMesh, ranks_per_node: int | None
+) -> CommStats:
+    """A recorder that knows every rank's node: from the topology (node-major layout) or,
+    for a bare mesh, from ``ranks_per_node`` or the physical node ids of the mesh's ranks
+    (a collective over the mesh)."""
+    if topology is not None:
+        return CommStats.for_ranks_per_node(topology.world_size, topology.ranks_per_node)
+    if ranks_per_node is not None:
+        return CommStats.for_ranks_per_node(dist.get_world_size(), ranks_per_node)
+    group = _flat_group(mesh)
+    return CommStats(node_map_for_mesh(group, gather_node_ids(group)))
 
 
 def _infer_device(model: nn.Module) -> torch.device:

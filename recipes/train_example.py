@@ -4,6 +4,12 @@ Lightning's launcher starts ``nodes * ranks_per_node`` processes on this machine
 strategy is told that every ``ranks_per_node`` consecutive ranks form a node, so a
 ``partition_size`` of 4 spans both emulated nodes (two replicas with 2 would each fit in
 one). Run ``python -m recipes.train_example --help`` for the knobs.
+
+`CommStatsMonitor` logs every optimizer step's collectives (counts, logical bytes,
+inter- vs intra-node); the progress bar shows the inter-node MB per step and a summary
+is printed at the end. Compare ``--partition-size 4`` (parameters gathered across
+nodes) with ``--partition-size node`` (gathers stay in a node, one all-reduce per step
+crosses).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from lightning_mics import MiCSStrategy
+from lightning_mics import CommStatsMonitor, MiCSStrategy
 from recipes.data import SyntheticTokens
 from recipes.gpt import GPT, GPTConfig
 
@@ -74,7 +80,10 @@ def main() -> None:
         batch_size=args.micro_batch,
         shuffle=True,
     )
-    partition_size = args.partition_size if args.partition_size == "node" else int(args.partition_size)
+    partition_size = (
+        args.partition_size if args.partition_size == "node" else int(args.partition_size)
+    )
+    comm = CommStatsMonitor(prog_bar=True)
     trainer = Trainer(
         # All ranks run on this machine: `devices` processes, of which every
         # `ranks_per_node` consecutive ones count as one node.
@@ -85,10 +94,12 @@ def main() -> None:
         accumulate_grad_batches=args.accumulation,
         logger=False,
         enable_checkpointing=False,
-        callbacks=[LossSummary()],
+        callbacks=[LossSummary(), comm],
         log_every_n_steps=1,
     )
     trainer.fit(LitGPT(config, lr=3e-3), data)
+    if trainer.is_global_zero:
+        print(comm.format_summary())
 
 
 if __name__ == "__main__":

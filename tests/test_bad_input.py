@@ -35,7 +35,10 @@ EXPECTED = {
 def _lines(stderr: str) -> dict[tuple[str, int], str]:
     """(case, rank) -> message, from the script's ``MICS-ERROR`` lines."""
     found = {}
-    for m in re.finditer(r"^MICS-ERROR case=(\w+) rank=(\d+) (.*)$", stderr, re.MULTILINE):
+    # NOTE: ranks share one stderr, so one rank's line can start in the middle of
+    # another's; match anywhere and stop at the next marker.
+    pattern = r"MICS-ERROR case=(\w+) rank=(\d+) (.*?)(?=MICS-|$)"
+    for m in re.finditer(pattern, stderr, re.MULTILINE):
         found[(m.group(1), int(m.group(2)))] = m.group(3)
     return found
 
@@ -76,21 +79,12 @@ def test_uncaught_node_layout_error_ends_the_trainer_run():
 
 
 def test_trainer_strategy_checks_partition_size_before_any_process_group():
-    """In-process: the strategy's first step validates the arithmetic, so a bad partition
-    size fails before any process group (or collective) exists."""
+    """In-process: building the Trainer validates the arithmetic, so a bad partition
+    size fails before any process is launched or any process group exists."""
     from lightning.pytorch import Trainer
 
-    trainer = Trainer(
-        strategy=MiCSStrategy(partition_size=2),
-        accelerator="cpu",
-        devices=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
     with pytest.raises(MiCSTopologyError) as err:
-        trainer.strategy.setup_environment()
+        Trainer(strategy=MiCSStrategy(partition_size=2), accelerator="cpu", devices=3)
     assert "partition_size=2 does not divide world_size=3" in str(err.value)
     assert "[1, 3]" in str(err.value)
     assert not dist.is_initialized()
@@ -99,19 +93,20 @@ def test_trainer_strategy_checks_partition_size_before_any_process_group():
 def test_trainer_strategy_ranks_per_node_not_dividing_devices():
     from lightning.pytorch import Trainer
 
-    trainer = Trainer(
-        strategy=MiCSStrategy(ranks_per_node=2),
-        accelerator="cpu",
-        devices=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
     with pytest.raises(
         MiCSTopologyError, match="world_size=3 is not a multiple of ranks_per_node=2"
     ):
-        trainer.strategy.setup_environment()
+        Trainer(strategy=MiCSStrategy(ranks_per_node=2), accelerator="cpu", devices=3)
+    assert not dist.is_initialized()
+
+
+def test_fabric_strategy_checks_partition_size_at_construction():
+    from lightning.fabric import Fabric
+
+    from lightning_mics.fabric import MiCSStrategy as FabricMiCSStrategy
+
+    with pytest.raises(MiCSTopologyError, match="partition_size=3 does not divide world_size=4"):
+        Fabric(strategy=FabricMiCSStrategy(partition_size=3), accelerator="cpu", devices=4)
     assert not dist.is_initialized()
 
 

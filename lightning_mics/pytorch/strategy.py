@@ -77,6 +77,7 @@ class MiCSStrategy(ParallelStrategy):
         cpu_offload: bool = False,
         wrap_policy: WrapPolicy = None,
         sync_replicas: bool = True,
+        comm_stats: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         **kwargs: Any,
@@ -94,6 +95,7 @@ class MiCSStrategy(ParallelStrategy):
                 cpu_offload=cpu_offload,
                 wrap_policy=wrap_policy,
                 sync_replicas=sync_replicas,
+                comm_stats=comm_stats,
             )
         )
         self._process_group_backend = process_group_backend
