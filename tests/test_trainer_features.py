@@ -52,3 +52,10 @@ def test_meta_device_init_is_materialised(report: dict) -> None:
     assert meta["started_on_meta"] and meta["materialized"]
     assert meta["finite_losses"] and meta["num_losses"] == 3
     assert meta["partition_size"] == 4
+
+
+def test_configure_model_on_meta_device(report: dict) -> None:
+    cm = report["configure_model"]
+    assert cm["started_on_meta"] and cm["materialized"]
+    assert cm["finite_losses"] and cm["num_losses"] == 2
+    assert cm["val_loss_finite"]

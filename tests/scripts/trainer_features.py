@@ -100,6 +100,28 @@ class MetaInitGPT(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class ConfigureModelGPT(MetaInitGPT):
+    """Creates its model in ``configure_model`` on the meta device (idempotently: the
+    hook runs again for every fit/validate/test)."""
+
+    def __init__(self) -> None:
+        LightningModule.__init__(self)
+        self.model = None
+        self.losses = []
+        self.started_on_meta = False
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        with torch.device("meta"):
+            self.model = GPT(common.TINY)
+        self.started_on_meta = all(p.is_meta for p in self.model.parameters())
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", GPT.loss(self.model(x), y), sync_dist=True)
+
+
 def trainer(**kwargs) -> Trainer:
     defaults = dict(
         accelerator="cpu",
@@ -159,6 +181,20 @@ def main() -> None:
         "finite_losses": all(math.isfinite(v) for v in meta_model.losses),
         "num_losses": len(meta_model.losses),
         "partition_size": t2.strategy.mics.topology.partition_size,
+    }
+
+    # 3. configure_model with meta-device init; fit then validate reuse the sharded model.
+    t3 = trainer(strategy="mics", max_steps=2, enable_checkpointing=False)
+    cm_model = ConfigureModelGPT()
+    loader = common.make_loader(int(os.environ["WORLD_SIZE"]), 2, 1, 2)
+    t3.fit(cm_model, loader)
+    val = t3.validate(cm_model, loader)[0]
+    out["configure_model"] = {
+        "started_on_meta": cm_model.started_on_meta,
+        "materialized": not any(p.is_meta for p in cm_model.parameters()),
+        "finite_losses": all(math.isfinite(v) for v in cm_model.losses),
+        "num_losses": len(cm_model.losses),
+        "val_loss_finite": math.isfinite(val["val_loss"]),
     }
     common.report(args.out, **out)
     common.finish()
