@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,3 +203,28 @@ def finish() -> None:
         dist.barrier()
         destroy_meshes()
         dist.destroy_process_group()
+
+
+def parity_main(
+    args: argparse.Namespace,
+    run: Callable[[RunConfig, int, argparse.Namespace], tuple[list[float], dict]],
+) -> None:
+    """Run ``run(config, world_size, args) -> (losses, full_state)`` for every
+    ``--configs`` entry, compare each with the reference and report on rank 0."""
+    world = int(os.environ["WORLD_SIZE"])
+    results = {}
+    for cfg in parse_configs(args.configs):
+        losses, state = run(cfg, world, args)
+        results[str(cfg)] = compare_with_reference(
+            losses,
+            state,
+            world,
+            args.micro_batch,
+            cfg.accum,
+            args.steps,
+            clip=args.clip,
+            skip_last=args.skip_last,
+            extra=args.extra,
+        )
+    report(args.out, **results)
+    finish()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from lightning.fabric import Fabric
 
 import lightning_mics  # noqa: F401  (registers "mics")
@@ -48,24 +46,7 @@ def run(cfg: common.RunConfig, world: int, args) -> tuple[list[float], dict]:
 def main() -> None:
     p = common.parser()
     p.add_argument("--by-name", action="store_true", help='use strategy="mics"')
-    args = p.parse_args()
-    world = int(os.environ["WORLD_SIZE"])
-    results = {}
-    for cfg in common.parse_configs(args.configs):
-        losses, state = run(cfg, world, args)
-        results[str(cfg)] = common.compare_with_reference(
-            losses,
-            state,
-            world,
-            args.micro_batch,
-            cfg.accum,
-            args.steps,
-            clip=args.clip,
-            skip_last=args.skip_last,
-            extra=args.extra,
-        )
-    common.report(args.out, **results)
-    common.finish()
+    common.parity_main(p.parse_args(), run)
 
 
 if __name__ == "__main__":

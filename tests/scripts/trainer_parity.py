@@ -6,8 +6,6 @@ size, accumulation, accumulation mode) in this one launch.
 
 from __future__ import annotations
 
-import os
-
 from lightning.pytorch import LightningModule, Trainer
 
 from lightning_mics import MiCSStrategy
@@ -86,24 +84,7 @@ def run(cfg: common.RunConfig, world: int, args) -> tuple[list[float], dict]:
 def main() -> None:
     p = common.parser()
     p.add_argument("--manual", action="store_true", help="manual optimization")
-    args = p.parse_args()
-    world = int(os.environ["WORLD_SIZE"])
-    results = {}
-    for cfg in common.parse_configs(args.configs):
-        losses, state = run(cfg, world, args)
-        results[str(cfg)] = common.compare_with_reference(
-            losses,
-            state,
-            world,
-            args.micro_batch,
-            cfg.accum,
-            args.steps,
-            clip=args.clip,
-            skip_last=args.skip_last,
-            extra=args.extra,
-        )
-    common.report(args.out, **results)
-    common.finish()
+    common.parity_main(p.parse_args(), run)
 
 
 if __name__ == "__main__":
