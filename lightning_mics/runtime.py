@@ -7,6 +7,7 @@ The Lightning adapters only translate their hooks into these calls.
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -32,12 +33,20 @@ def get_device_mesh(topology: MiCSTopology, device: torch.device) -> DeviceMesh:
     """The mesh for ``topology`` on ``device.type``, created once per process."""
     key = (device.type, topology.world_size, topology.partition_size, topology.ranks_per_node)
     if key not in _MESHES:
+        if not _MESHES:
+            # NOTE: exiting with live gloo subgroups can abort a rank (SIGABRT) while its
+            # peers tear down; destroying them first is local and cheap.
+            atexit.register(destroy_meshes)
         _MESHES[key] = build_device_mesh(topology, device)
     return _MESHES[key]
 
 
 def destroy_meshes() -> None:
-    """Destroy the process groups of every mesh MiCS created in this process."""
+    """Destroy the process groups of every mesh MiCS created in this process.
+
+    Local (no collective). Sharded modules built on those meshes are unusable afterwards.
+    Runs at interpreter exit; call it earlier on every rank to free the groups sooner.
+    """
     while _MESHES:
         _, mesh = _MESHES.popitem()
         for dim in range(mesh.ndim):

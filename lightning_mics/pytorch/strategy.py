@@ -29,9 +29,8 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_mics.config import AccumulationMode, MiCSConfig, WrapPolicy
+from lightning_mics.config import MiCSConfig
 from lightning_mics.runtime import MiCSRuntime
-from lightning_mics.topology import PartitionSize
 
 _ROOT_ATTR = "_mics_root"
 
@@ -67,37 +66,29 @@ class MiCSStrategy(ParallelStrategy):
 
     def __init__(
         self,
-        partition_size: PartitionSize = "node",
-        ranks_per_node: int | None = None,
-        accumulation: AccumulationMode | str = AccumulationMode.TWO_HOP,
-        param_dtype: torch.dtype | str | None = None,
-        reduce_dtype: torch.dtype | str | None = torch.float32,
-        reshard_after_forward: bool | int = True,
-        activation_checkpointing: bool = False,
-        cpu_offload: bool = False,
-        wrap_policy: WrapPolicy = None,
-        sync_replicas: bool = True,
-        comm_stats: bool = True,
+        config: MiCSConfig | None = None,
+        *,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
-        **kwargs: Any,
+        accelerator: Any | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: Any | None = None,
+        checkpoint_io: Any | None = None,
+        precision_plugin: Any | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self.mics = MiCSRuntime(
-            MiCSConfig(
-                partition_size=partition_size,
-                ranks_per_node=ranks_per_node,
-                accumulation=accumulation,
-                param_dtype=param_dtype,
-                reduce_dtype=reduce_dtype,
-                reshard_after_forward=reshard_after_forward,
-                activation_checkpointing=activation_checkpointing,
-                cpu_offload=cpu_offload,
-                wrap_policy=wrap_policy,
-                sync_replicas=sync_replicas,
-                comm_stats=comm_stats,
-            )
+        """``options`` are :class:`~lightning_mics.MiCSConfig` fields (``partition_size``,
+        ``accumulation``, ``param_dtype``, ...); alternatively pass a ready ``config``."""
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
         )
+        if config is not None and options:
+            raise TypeError("Pass either a MiCSConfig or MiCS options as keywords, not both.")
+        self.mics = MiCSRuntime(config or MiCSConfig(**options))
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self.num_nodes = 1
