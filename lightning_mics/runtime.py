@@ -15,23 +15,36 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from lightning_mics.config import MiCSConfig
 from lightning_mics.grad_sync import flush_pending_gradients, micro_step
 from lightning_mics.optim import clip_grad_norm_
 from lightning_mics.sharding import apply_mics
-from lightning_mics.topology import MiCSTopology, build_device_mesh, verify_topology
+from lightning_mics.topology import (
+    MiCSTopology,
+    MiCSTopologyError,
+    build_device_mesh,
+    verify_topology,
+)
 
 # NOTE: meshes are shared per layout for the life of the process. A sharded module keeps
 # references to its mesh's process groups, and Lightning reuses one LightningModule
-# across fit/validate/test (often across Trainers), so a strategy must not destroy the
-# groups at teardown while the module can still be used. `destroy_meshes()` frees them.
-_MESHES: dict[tuple[str, int, int, int], DeviceMesh] = {}
+# across fit/validate/test (often across Trainers), so once a module is sharded on a mesh
+# its groups must outlive the strategy: they are destroyed at exit (or by
+# `destroy_meshes()`). A strategy destroys at teardown only a mesh it created and that no
+# module was sharded on (e.g. a run that failed before sharding).
+_MeshKey = tuple[str, int, int, int]
+_MESHES: dict[_MeshKey, DeviceMesh] = {}
+
+
+def _mesh_key(topology: MiCSTopology, device: torch.device) -> _MeshKey:
+    return (device.type, topology.world_size, topology.partition_size, topology.ranks_per_node)
 
 
 def get_device_mesh(topology: MiCSTopology, device: torch.device) -> DeviceMesh:
     """The mesh for ``topology`` on ``device.type``, created once per process."""
-    key = (device.type, topology.world_size, topology.partition_size, topology.ranks_per_node)
+    key = _mesh_key(topology, device)
     if key not in _MESHES:
         if not _MESHES:
             # NOTE: exiting with live gloo subgroups can abort a rank (SIGABRT) while its
@@ -48,11 +61,23 @@ def destroy_meshes() -> None:
     Runs at interpreter exit; call it earlier on every rank to free the groups sooner.
     """
     while _MESHES:
-        _, mesh = _MESHES.popitem()
-        for dim in range(mesh.ndim):
-            group = mesh.get_group(dim)
-            if group is not dist.GroupMember.WORLD and dist.is_initialized():
-                dist.destroy_process_group(group)
+        _destroy_mesh_groups(_MESHES.popitem()[1])
+
+
+def _destroy_mesh_groups(mesh: DeviceMesh) -> None:
+    if not dist.is_initialized():
+        return
+    for dim in range(mesh.ndim):
+        group = mesh.get_group(dim)
+        if group is not dist.GroupMember.WORLD:
+            dist.destroy_process_group(group)
+
+
+def _sharded_mesh(module: nn.Module) -> DeviceMesh | None:
+    for param in module.parameters():
+        if isinstance(param, DTensor):
+            return param.device_mesh
+    return None
 
 
 class MiCSRuntime:
@@ -62,6 +87,8 @@ class MiCSRuntime:
         self.config = config
         self._topology: MiCSTopology | None = None
         self._mesh: DeviceMesh | None = None
+        # The mesh key if this runtime created the mesh and no module was sharded on it.
+        self._owned_mesh: _MeshKey | None = None
 
     @property
     def topology(self) -> MiCSTopology:
@@ -87,10 +114,22 @@ class MiCSRuntime:
     def setup(self, device: torch.device) -> DeviceMesh:
         """Collective: verify the node layout against the topology, then build the mesh."""
         verify_topology(self.topology)
+        key = _mesh_key(self.topology, device)
+        self._owned_mesh = None if key in _MESHES else key
         self._mesh = get_device_mesh(self.topology, device)
         return self._mesh
 
     def shard(self, module: nn.Module, device: torch.device) -> nn.Module:
+        """Shard ``module`` on this run's mesh; a module sharded earlier (Lightning reuses
+        modules across fit/validate/test) must have been sharded on an equal layout."""
+        existing = _sharded_mesh(module)
+        if existing is not None and existing != self.mesh:
+            raise MiCSTopologyError(
+                f"The model is already sharded on a mesh of layout {existing.mesh.tolist()} "
+                f"but this run uses {self.mesh.mesh.tolist()} ({self.topology.describe()}). "
+                "Re-create the model (or load it from a checkpoint) for the new layout."
+            )
+        self._owned_mesh = None  # the module now depends on the mesh's groups
         return apply_mics(module, self.topology, self.config, device=device, mesh=self.mesh)
 
     @contextmanager
@@ -100,6 +139,14 @@ class MiCSRuntime:
 
     def flush(self, module: nn.Module) -> bool:
         return flush_pending_gradients(module)
+
+    def teardown(self) -> None:
+        """Destroy the mesh's process groups if this runtime created them and no module
+        was sharded on them. Local, identical on every rank."""
+        if self._owned_mesh is not None:
+            _destroy_mesh_groups(_MESHES.pop(self._owned_mesh))
+            self._owned_mesh = None
+        self._mesh = None
 
     def clip_grad_norm_(
         self, module: nn.Module, max_norm: float, norm_type: float = 2.0

@@ -59,3 +59,15 @@ def test_configure_model_on_meta_device(report: dict) -> None:
     assert cm["started_on_meta"] and cm["materialized"]
     assert cm["finite_losses"] and cm["num_losses"] == 2
     assert cm["val_loss_finite"]
+
+
+def test_teardown_destroys_groups_no_model_uses(report: dict) -> None:
+    td = report["teardown"]
+    assert td["failed"]
+    # the failed run's own mesh is gone; the meshes of sharded models were kept
+    assert td["meshes_during_failed_run"] == 3  # the failed run had created its own mesh
+    assert td["meshes_unchanged"] and td["kept_meshes_of_sharded_models"] == 2
+
+
+def test_model_sharded_under_other_layout_is_refused(report: dict) -> None:
+    assert "already sharded on a mesh" in report["layout_error"]

@@ -275,6 +275,7 @@ class MiCSStrategy(ParallelStrategy):
 
     def teardown(self) -> None:
         self._modules.clear()
+        self.mics.teardown()
         super().teardown()
 
     @classmethod

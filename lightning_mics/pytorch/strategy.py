@@ -183,10 +183,11 @@ class MiCSStrategy(ParallelStrategy):
         # possibly with a new Trainer: the root is created once and kept on the module.
         root = module.__dict__.get(_ROOT_ATTR)
         if root is None:
-            module.to(self.root_device) if not _has_meta(module) else None
+            if not _has_meta(module):
+                module.to(self.root_device)
             root = _MiCSRoot(module)
-            self.mics.shard(root, self.root_device)
             module.__dict__[_ROOT_ATTR] = root
+        self.mics.shard(root, self.root_device)  # idempotent; checks the layout
         return root
 
     def model_to_device(self) -> None:
@@ -311,6 +312,7 @@ class MiCSStrategy(ParallelStrategy):
 
     def teardown(self) -> None:
         assert self.cluster_environment is not None
+        self.mics.teardown()
         self.cluster_environment.teardown()
         super().teardown()
 

@@ -122,6 +122,16 @@ class ConfigureModelGPT(MetaInitGPT):
         self.log("val_loss", GPT.loss(self.model(x), y), sync_dist=True)
 
 
+class FailingConfigureModel(BoringModel):
+    meshes_during_run = -1
+
+    def configure_model(self) -> None:
+        from lightning_mics import runtime
+
+        FailingConfigureModel.meshes_during_run = len(runtime._MESHES)
+        raise RuntimeError("configure_model failed on purpose")
+
+
 def trainer(**kwargs) -> Trainer:
     defaults = dict(
         accelerator="cpu",
@@ -196,6 +206,35 @@ def main() -> None:
         "num_losses": len(cm_model.losses),
         "val_loss_finite": math.isfinite(val["val_loss"]),
     }
+
+    # 4. Teardown of a run that failed before sharding destroys the groups it created.
+    from lightning_mics import runtime
+
+    before = set(runtime._MESHES)
+    t4 = trainer(
+        strategy=lightning_mics.MiCSStrategy(partition_size=1, ranks_per_node=2), max_steps=1
+    )
+    try:
+        t4.fit(FailingConfigureModel(), data)
+        failed = False
+    except RuntimeError:
+        failed = True
+    out["teardown"] = {
+        "failed": failed,
+        "meshes_unchanged": set(runtime._MESHES) == before,
+        "kept_meshes_of_sharded_models": len(before),
+        "meshes_during_failed_run": FailingConfigureModel.meshes_during_run,
+    }
+
+    # 5. A model sharded under one layout is refused under another, with a clear error.
+    t5 = trainer(
+        strategy=lightning_mics.MiCSStrategy(partition_size=2, ranks_per_node=2), max_steps=1
+    )
+    try:
+        t5.validate(cm_model, loader)
+        out["layout_error"] = ""
+    except lightning_mics.MiCSTopologyError as err:
+        out["layout_error"] = str(err)
     common.report(args.out, **out)
     common.finish()
 
