@@ -7,6 +7,14 @@ torch.
 """
 
 from lightning_mics.accounting import CommStats, comm_stats
+from lightning_mics.checkpoint import (
+    CheckpointError,
+    consolidate_checkpoint,
+    find_latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
 from lightning_mics.config import AccumulationMode, MiCSConfig
 from lightning_mics.grad_sync import flush_pending_gradients, micro_step
 from lightning_mics.optim import clip_grad_norm_
@@ -18,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccumulationMode",
+    "CheckpointError",
     "CommStats",
     "MiCSConfig",
     "MiCSTopology",
@@ -26,9 +35,14 @@ __all__ = [
     "build_device_mesh",
     "clip_grad_norm_",
     "comm_stats",
+    "consolidate_checkpoint",
     "destroy_meshes",
+    "find_latest_checkpoint",
     "flush_pending_gradients",
+    "load_checkpoint",
+    "load_model_weights",
     "micro_step",
+    "save_checkpoint",
     "sync_replicas",
 ]
 

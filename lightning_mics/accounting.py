@@ -23,6 +23,11 @@ FSDP has just all-reduced (``set_all_reduce_hook``; with native HSDP it runs aft
 FSDP's own all-reduce and changes nothing). :func:`apply_mics` installs it unless
 ``MiCSConfig(comm_stats=False)``; :func:`comm_stats` finds the recorder of a model.
 
+With hierarchical collectives (`lightning_mics.collectives`), each of their stages is
+recorded as its own collective over its own intra- or inter-node group, so counts are
+those of the ``torch.distributed`` calls and inter-node bytes shrink to the inter-node
+stage's buffers.
+
 NOTE: with a custom comm installed FSDP refuses ``set_symm_mem()`` and
 ``set_allocate_memory_from_process_group()``; turn ``comm_stats`` off to use them. A
 later user call to ``set_all_reduce_hook`` replaces the observing hook, so all-reduces
@@ -200,6 +205,17 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def _attach(inner: Any, stats: CommStats) -> bool:
+    """Let an inner comm that issues several collectives per call (the hierarchical ones
+    of `lightning_mics.collectives`, which define ``attach_stats``) record each of them
+    itself, with its own bytes and reach; returns whether it does."""
+    attach = getattr(inner, "attach_stats", None)
+    if attach is None:
+        return False
+    attach(stats)
+    return True
+
+
 class RecordingAllGather(AllGather):
     """FSDP's flat all-gather, recorded.
 
@@ -207,12 +223,15 @@ class RecordingAllGather(AllGather):
     with the same ``async_op``), or delegates to ``inner`` when given (e.g. a
     hierarchical all-gather), and returns its result unchanged. Records the output
     buffer's bytes over the group FSDP passes, which is the smaller post-forward group
-    when ``reshard_after_forward`` is an int.
+    when ``reshard_after_forward`` is an int. An ``inner`` with ``attach_stats`` (the
+    hierarchical comms) records its own stages instead: one entry per sub-collective,
+    each with its own output buffer's bytes over its own (intra- or inter-node) group.
     """
 
     def __init__(self, stats: CommStats, inner: AllGather | None = None) -> None:
         self.stats = stats
         self.inner = inner
+        self._inner_records = _attach(inner, stats)
 
     def allocate(
         self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device
@@ -228,7 +247,8 @@ class RecordingAllGather(AllGather):
         group: dist.ProcessGroup,
         async_op: bool = False,
     ) -> dist.Work | None:
-        self.stats.record("all_gather", _nbytes(output_tensor), group)
+        if not self._inner_records:
+            self.stats.record("all_gather", _nbytes(output_tensor), group)
         if self.inner is not None:
             return self.inner(output_tensor, input_tensor, group, async_op)
         return getattr(dist, _all_gather_single_name)(
@@ -238,11 +258,13 @@ class RecordingAllGather(AllGather):
 
 class RecordingReduceScatter(ReduceScatter):
     """FSDP's flat reduce-scatter (``dist.reduce_scatter_single``), recorded by its
-    input buffer's bytes; delegates to ``inner`` when given."""
+    input buffer's bytes; delegates to ``inner`` when given (which records its own
+    stages, by their input buffers, when it has ``attach_stats``)."""
 
     def __init__(self, stats: CommStats, inner: ReduceScatter | None = None) -> None:
         self.stats = stats
         self.inner = inner
+        self._inner_records = _attach(inner, stats)
 
     def allocate(
         self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device
@@ -259,7 +281,8 @@ class RecordingReduceScatter(ReduceScatter):
         op: Any,
         async_op: bool = False,
     ) -> dist.Work | None:
-        self.stats.record("reduce_scatter", _nbytes(input_tensor), group)
+        if not self._inner_records:
+            self.stats.record("reduce_scatter", _nbytes(input_tensor), group)
         if self.inner is not None:
             return self.inner(output_tensor, input_tensor, group, op, async_op)
         return getattr(dist, _reduce_scatter_single_name)(
@@ -290,14 +313,19 @@ def install_comm_stats(
     model: nn.Module,
     stats: CommStats,
     all_reduce_group: dist.ProcessGroup | None,
+    *,
+    all_gather: AllGather | None = None,
+    reduce_scatter: ReduceScatter | None = None,
 ) -> CommStats:
     """Record the collectives of every FSDP module in ``model`` into ``stats``.
 
     ``all_reduce_group`` is the replication group of a 2-D mesh (``None`` on a 1-D mesh,
-    where FSDP issues no all-reduce). Returns ``stats``.
+    where FSDP issues no all-reduce). ``all_gather`` / ``reduce_scatter`` are the comms
+    to run (e.g. the hierarchical ones); ``None`` runs FSDP's flat collectives. Returns
+    ``stats``.
     """
-    all_gather = RecordingAllGather(stats)
-    reduce_scatter = RecordingReduceScatter(stats)
+    all_gather = RecordingAllGather(stats, all_gather)
+    reduce_scatter = RecordingReduceScatter(stats, reduce_scatter)
     observer = AllReduceObserver(stats, all_reduce_group) if all_reduce_group else None
     for module in model.modules():
         if not isinstance(module, FSDPModule):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Literal
 
 import torch
 from torch import nn
@@ -77,6 +78,17 @@ class MiCSConfig:
         wrap_policy: which modules become FSDP units (see :data:`WrapPolicy`).
         sync_replicas: after sharding, copy replica 0's parameters and buffers to the
             other replicas so that they start identical whatever each rank's seed was.
+        hierarchical: split each partition-group all-gather and reduce-scatter into an
+            inter-node and an intra-node stage (see :mod:`lightning_mics.collectives`), so
+            that every node receives other nodes' data once and inter-node collectives
+            have ``partition_size / ranks_per_node`` participants instead of
+            ``partition_size``. ``"auto"`` (default) turns it on exactly when a partition
+            group spans nodes (``partition_size > ranks_per_node > 1``); ``True`` forces
+            it on and raises when that is impossible (the partition fits in one node,
+            one rank per node, or ``ranks_per_node`` is unknown for a ready-made mesh);
+            ``False`` keeps FSDP's flat collectives. Gathered parameters are bitwise the
+            same either way; reduced gradients may differ in the last bits (the sums are
+            grouped differently).
         comm_stats: record every parameter all-gather, gradient reduce-scatter and
             cross-replica all-reduce (count, logical bytes, intra- or inter-node) in a
             :class:`~lightning_mics.accounting.CommStats`, read with
@@ -95,6 +107,7 @@ class MiCSConfig:
     wrap_policy: WrapPolicy = field(default=None, repr=False)
     sync_replicas: bool = True
     comm_stats: bool = True
+    hierarchical: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         if self.partition_size != "node" and (
@@ -131,6 +144,11 @@ class MiCSConfig:
             # NOTE: a string such as "false" would otherwise silently mean True.
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
+        if self.hierarchical != "auto" and not isinstance(self.hierarchical, bool):
+            # NOTE: a string such as "false" would otherwise silently mean True.
+            raise ValueError(
+                f"hierarchical must be True, False or 'auto', got {self.hierarchical!r}."
+            )
         rafw = self.reshard_after_forward
         if not isinstance(rafw, bool) and (not isinstance(rafw, int) or rafw < 1):
             raise ValueError(

@@ -25,6 +25,7 @@ from lightning_mics.topology import (
     MiCSTopology,
     MiCSTopologyError,
     build_device_mesh,
+    check_hierarchical,
     verify_topology,
 )
 
@@ -60,8 +61,11 @@ def destroy_meshes() -> None:
     Local (no collective). Sharded modules built on those meshes are unusable afterwards.
     Runs at interpreter exit; call it earlier on every rank to free the groups sooner.
     """
+    from lightning_mics.collectives import destroy_hierarchical_groups
+
     while _MESHES:
         _destroy_mesh_groups(_MESHES.popitem()[1])
+    destroy_hierarchical_groups()
 
 
 def _destroy_mesh_groups(mesh: DeviceMesh) -> None:
@@ -109,6 +113,8 @@ class MiCSRuntime:
             self.config.ranks_per_node or ranks_per_node,
             self.config.partition_size,
         )
+        if self.config.hierarchical is True:
+            check_hierarchical(self._topology)
         return self._topology
 
     def setup(self, device: torch.device) -> DeviceMesh:

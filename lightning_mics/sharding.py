@@ -18,11 +18,18 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 
 from lightning_mics.accounting import CommStats, install_comm_stats, node_map_for_mesh
+from lightning_mics.collectives import (
+    HierarchicalAllGather,
+    HierarchicalReduceScatter,
+    hierarchical_comms,
+)
 from lightning_mics.config import MiCSConfig, WrapPolicy
 from lightning_mics.topology import (
     REPLICATE_DIM,
     MiCSTopology,
+    MiCSTopologyError,
     build_device_mesh,
+    check_hierarchical,
     gather_node_ids,
     verify_topology,
 )
@@ -48,6 +55,10 @@ def apply_mics(
     Unless ``config.comm_stats`` is off, every collective of the sharded model is
     recorded (see :mod:`lightning_mics.accounting`; read it with ``comm_stats(model)``).
 
+    With ``config.hierarchical`` on (by default: when a partition group spans nodes),
+    every FSDP module all-gathers and reduce-scatters in an inter- and an intra-node
+    stage (:mod:`lightning_mics.collectives`).
+
     A model created on the meta device is materialised on ``device`` after sharding, by
     calling each module's ``reset_parameters()``.
     """
@@ -68,6 +79,9 @@ def apply_mics(
     else:
         mesh = topology
         topology = None
+    # NOTE: decided (and the sub-groups created, collectively) before the model is
+    # touched, so that an impossible hierarchical=True leaves it unsharded.
+    comms = _hierarchical_comms(config, topology, mesh)
 
     mp_policy = MixedPrecisionPolicy(
         param_dtype=config.param_dtype, reduce_dtype=config.reduce_dtype
@@ -88,18 +102,80 @@ def apply_mics(
     # of backward, so torchtitan-style we keep them gathered after forward.
     fully_shard(model, reshard_after_forward=False, **common)
     _use_sum_reductions_if_needed(model, mesh)
+    all_gather, reduce_scatter = comms or (None, None)
     if config.comm_stats:
         install_comm_stats(
             model,
             _new_comm_stats(topology, mesh, config.ranks_per_node),
             mesh.get_group(0) if mesh.ndim == 2 else None,  # FSDP: dim 0 replicates
+            all_gather=all_gather,
+            reduce_scatter=reduce_scatter,
         )
+    elif comms is not None:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                # NOTE: the setters act on this module's own parameter group only.
+                module.set_custom_all_gather(all_gather)
+                module.set_custom_reduce_scatter(reduce_scatter)
 
     if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
         materialize_meta_module(model, device)
     if config.sync_replicas:
         sync_replicas(model, mesh)
     return model
+
+
+def _hierarchical_comms(
+    config: MiCSConfig, topology: MiCSTopology | None, mesh: DeviceMesh
+) -> tuple[HierarchicalAllGather, HierarchicalReduceScatter] | None:
+    """The hierarchical comms that ``config.hierarchical`` asks for, or ``None`` (flat).
+
+    Collective when it returns comms (the sub-groups are created on first use per
+    layout). The decision depends only on the config and the global layout, never on
+    the rank, so every rank creates the same groups in the same order or none.
+    """
+    wanted = config.hierarchical
+    if wanted is False:
+        return None
+    forced = wanted is True
+    if topology is None:
+        topology = _topology_of_mesh(mesh, config.ranks_per_node, forced)
+        if topology is None:
+            return None
+    if forced:
+        check_hierarchical(topology)
+    elif not (topology.spans_nodes and topology.ranks_per_node > 1):
+        return None  # NOTE: the same answer as check_hierarchical, without raising
+    return hierarchical_comms(topology)
+
+
+def _topology_of_mesh(
+    mesh: DeviceMesh, ranks_per_node: int | None, forced: bool
+) -> MiCSTopology | None:
+    """The node-major topology a ready-made mesh follows, or ``None`` (raising instead
+    when hierarchical collectives are forced on) when it cannot be known."""
+    world = dist.get_world_size()
+    partition = mesh.size(mesh.ndim - 1)
+    problem = None
+    if ranks_per_node is None:
+        problem = (
+            "the ranks per node are unknown for a ready-made mesh: pass "
+            "MiCSConfig(ranks_per_node=...)"
+        )
+    elif mesh.mesh.numel() != world or mesh.mesh.flatten().tolist() != list(range(world)):
+        # NOTE: `mesh.mesh` is the global layout, the same on every rank.
+        problem = (
+            "the mesh is not the node-major layout of the whole world (rows of "
+            "consecutive ranks); build it with lightning_mics.build_device_mesh"
+        )
+    else:
+        try:
+            return MiCSTopology.create(world, ranks_per_node, partition)
+        except MiCSTopologyError as err:
+            problem = str(err)
+    if forced:
+        raise MiCSTopologyError(f"hierarchical=True is impossible here: {problem}.")
+    return None
 
 
 def _new_comm_stats(

@@ -12,7 +12,8 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from datetime import timedelta
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -217,20 +218,151 @@ def verify_topology(topology: MiCSTopology) -> None:
 
 
 # ---------------------------------------------------------------------------- meshes
+def default_group_timeout(device: torch.device) -> timedelta | None:
+    """The timeout the default process group was created with (``None`` if unknown).
+
+    NOTE: ``dist.new_group`` and ``init_device_mesh`` default to the backend's global
+    timeout (30 minutes for gloo), not the default group's: MiCS's own groups pass this
+    one on, so that a hung rank fails every collective within the configured timeout.
+    """
+    try:
+        backend = dist.group.WORLD._get_backend(device)
+        return backend.options._timeout
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _default_comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _backend_options(device: torch.device) -> tuple[str, Any] | None:
+    timeout = default_group_timeout(device)
+    if timeout is None:
+        return None
+    backend = dist.get_backend()
+    if backend == "gloo":
+        options = dist.ProcessGroupGloo._Options()
+    elif backend == "nccl" and dist.is_nccl_available():
+        options = dist.ProcessGroupNCCL.Options()
+    else:
+        return None
+    options._timeout = timeout
+    return backend, options
+
+
 def build_device_mesh(topology: MiCSTopology, device: torch.device) -> DeviceMesh:
     """The ``("replicate", "shard")`` mesh, or a 1-D ``("shard",)`` one when R == 1.
 
     NOTE: ``init_device_mesh`` lays ranks out row-major, so row ``i`` is the partition
     group ``[i*p, (i+1)*p)``, exactly our layout. Ranks are never permuted here: DTensor
     shard offsets must agree with process-group ranks or checkpoints silently corrupt.
-    A (1, p) mesh is avoided because FSDP would issue pointless size-1 all-reduces.
+    A (1, p) mesh is avoided because FSDP would issue pointless size-1 all-reduces. The
+    mesh's groups inherit the default group's timeout.
     """
     if topology.replication_size == 1:
-        return init_device_mesh(
-            device.type, (topology.partition_size,), mesh_dim_names=(SHARD_DIM,)
+        shape, names = (topology.partition_size,), (SHARD_DIM,)
+    else:
+        shape = (topology.replication_size, topology.partition_size)
+        names = (REPLICATE_DIM, SHARD_DIM)
+    options = _backend_options(device)
+    override = {dim: options for dim in range(len(shape))} if options else None
+    return init_device_mesh(device.type, shape, mesh_dim_names=names, backend_override=override)
+
+
+# ------------------------------------------------------------ hierarchical sub-groups
+def inter_node_groups(topology: MiCSTopology) -> list[list[int]]:
+    """Ranks of each partition group that share a local index, one list per (partition
+    group, local index): the ``nodes_per_partition`` participants of an inter-node stage.
+
+    Rank ``i*p + m*k + l`` (partition ``i``, node ``m`` of it, local index ``l``) is in
+    list ``i*k + l`` at position ``m``.
+    """
+    p, k, n = topology.partition_size, topology.ranks_per_node, topology.nodes_per_partition
+    return [
+        [i * p + m * k + local for m in range(n)]
+        for i in range(topology.replication_size)
+        for local in range(k)
+    ]
+
+
+def intra_node_groups(topology: MiCSTopology) -> list[list[int]]:
+    """The ranks of each node, in rank order: the participants of an intra-node stage."""
+    k = topology.ranks_per_node
+    return [list(range(node * k, (node + 1) * k)) for node in range(topology.num_nodes)]
+
+
+def check_hierarchical(topology: MiCSTopology) -> None:
+    """Raise :class:`MiCSTopologyError` unless a partition group spans several whole nodes
+    of more than one rank, the only layout where hierarchical collectives mean anything."""
+    if not topology.spans_nodes:
+        raise MiCSTopologyError(
+            f"hierarchical=True needs a partition group that spans nodes, but "
+            f"partition_size={topology.partition_size} fits in one node of "
+            f"{topology.ranks_per_node} ranks: its collectives are already intra-node. "
+            "Use hierarchical='auto' (or False), or a partition_size that is a multiple of "
+            "ranks_per_node larger than it."
         )
-    return init_device_mesh(
-        device.type,
-        (topology.replication_size, topology.partition_size),
-        mesh_dim_names=(REPLICATE_DIM, SHARD_DIM),
-    )
+    if topology.ranks_per_node == 1:
+        raise MiCSTopologyError(
+            "hierarchical=True needs nodes of several ranks, but ranks_per_node=1: there is "
+            "no intra-node stage, the flat collectives already are the inter-node stage. "
+            "Use hierarchical='auto' (or False), or set ranks_per_node."
+        )
+
+
+@dataclass(frozen=True)
+class HierarchicalGroups:
+    """This rank's sub-groups of its partition group, for two-stage collectives.
+
+    ``partition_ranks`` is this rank's partition group (global ranks, partition-rank
+    order); ``inter`` holds the ranks of it with this rank's local index (one per node,
+    node order), ``intra`` the ranks of this rank's node (local-index order). Ranks are
+    never permuted: position in ``partition_ranks`` = node_in_partition * k + local.
+    """
+
+    topology: MiCSTopology
+    partition_ranks: tuple[int, ...]
+    inter: dist.ProcessGroup
+    intra: dist.ProcessGroup
+
+    @property
+    def nodes_per_partition(self) -> int:
+        return self.topology.nodes_per_partition
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.topology.ranks_per_node
+
+
+def new_hierarchical_groups(
+    topology: MiCSTopology, backend: str | None = None
+) -> HierarchicalGroups:
+    """Collective over the whole world: create the inter- and intra-node sub-groups.
+
+    Every rank calls ``dist.new_group`` for *every* sub-group, in the same order (inter
+    groups first, then node groups), as ``new_group`` requires; a rank keeps the two it
+    belongs to. Prefer :func:`lightning_mics.collectives.get_hierarchical_groups`, which
+    caches the result per layout.
+    """
+    if dist.get_world_size() != topology.world_size:
+        raise MiCSTopologyError(
+            f"The process group has {dist.get_world_size()} ranks but the topology expects "
+            f"{topology.world_size}."
+        )
+    rank = dist.get_rank()
+    timeout = default_group_timeout(_default_comm_device())
+    inter = intra = None
+    for ranks in inter_node_groups(topology):
+        group = dist.new_group(ranks, backend=backend, timeout=timeout)
+        if rank in ranks:
+            inter = group
+    for ranks in intra_node_groups(topology):
+        group = dist.new_group(ranks, backend=backend, timeout=timeout)
+        if rank in ranks:
+            intra = group
+    assert inter is not None and intra is not None
+    partition = topology.partition_groups()[topology.partition_index(rank)]
+    return HierarchicalGroups(topology, tuple(partition), inter, intra)

@@ -115,3 +115,11 @@ def test_trainer_strategy_rejects_bad_options_at_construction():
         MiCSStrategy(partition_size=0)
     with pytest.raises(ValueError, match="accumulation='sometimes' is not one of"):
         MiCSStrategy(accumulation="sometimes")
+
+
+def test_forcing_hierarchical_inside_one_node_fails_at_construction():
+    from lightning.pytorch import Trainer
+
+    with pytest.raises(MiCSTopologyError, match="hierarchical=True needs a partition group"):
+        Trainer(strategy=MiCSStrategy(hierarchical=True), accelerator="cpu", devices=2)
+    assert not dist.is_initialized()

@@ -10,7 +10,7 @@ import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.fabric.strategies.parallel import ParallelStrategy
-from lightning.fabric.strategies.strategy import TBroadcast, _BackwardSyncControl
+from lightning.fabric.strategies.strategy import TBroadcast, _apply_filter, _BackwardSyncControl
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
@@ -19,11 +19,14 @@ from lightning.fabric.utilities.distributed import (
 )
 from lightning.fabric.utilities.distributed import group as _group
 from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_only
-from lightning.fabric.utilities.types import ReduceOp
+from lightning.fabric.utilities.types import ReduceOp, _Stateful
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+from lightning_mics import checkpoint as ckpt
+from lightning_mics.checkpoint import StateDictType
 from lightning_mics.config import MiCSConfig
 from lightning_mics.runtime import MiCSRuntime
 
@@ -58,10 +61,12 @@ class MiCSStrategy(ParallelStrategy):
         cluster_environment: Any | None = None,
         checkpoint_io: Any | None = None,
         precision: Any | None = None,
+        state_dict_type: StateDictType = "sharded",
         **options: Any,
     ) -> None:
         """``options`` are :class:`~lightning_mics.MiCSConfig` fields (``partition_size``,
-        ``accumulation``, ``param_dtype``, ...); alternatively pass a ready ``config``."""
+        ``accumulation``, ``param_dtype``, ...); alternatively pass a ready ``config``.
+        ``state_dict_type``: ``"sharded"`` (default) or ``"full"`` checkpoints."""
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -77,6 +82,7 @@ class MiCSStrategy(ParallelStrategy):
         self._num_nodes = 1
         self._backward_sync_control = _MiCSBackwardSyncControl(self.mics)
         self._modules: list[nn.Module] = []
+        self.state_dict_type = state_dict_type
 
     @property
     def is_distributed(self) -> bool:
@@ -205,22 +211,29 @@ class MiCSStrategy(ParallelStrategy):
         torch.distributed.broadcast_object_list(objs, src, group=_group.WORLD)
         return objs[0]
 
-    # --------------------------------------------------------- state dicts (full)
-    def get_module_state_dict(self, module: nn.Module) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def state_dict_type(self) -> StateDictType:
+        """``"sharded"`` (distributed-checkpoint directory, each shard written once) or
+        ``"full"`` (one file of unsharded state dicts written by rank 0)."""
+        return self._state_dict_type
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(module, options=options)
+    @state_dict_type.setter
+    def state_dict_type(self, value: StateDictType) -> None:
+        self._state_dict_type = ckpt._validate_type(value)
+
+    def get_module_state_dict(self, module: nn.Module) -> dict[str, Any]:
+        return ckpt.model_state_dict(module, full=self._state_dict_type == "full")
+
+    def load_module_state_dict(
+        self, module: nn.Module, state_dict: dict[str, Any], strict: bool = True
+    ) -> None:
+        full = not any(isinstance(v, DTensor) for v in state_dict.values())
+        ckpt.set_model_state(module, state_dict, full=full, strict=strict)
 
     def get_optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
-
         module = self._module_of(optimizer)
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_optimizer_state_dict(module, optimizer, options=options)
+        return ckpt.optimizer_state_dict(module, optimizer, full=self._state_dict_type == "full")
 
     def _module_of(self, optimizer: Optimizer) -> nn.Module:
         ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -236,11 +249,38 @@ class MiCSStrategy(ParallelStrategy):
         storage_options: Any | None = None,
         filter: dict[str, Any] | None = None,
     ) -> None:
-        # Full states are gathered collectively on every rank; rank 0 writes.
-        full = self._convert_stateful_objects_in_state(state, filter=filter or {})
-        if self.is_global_zero:
-            self.checkpoint_io.save_checkpoint(full, path, storage_options)
-        self.barrier()
+        """Collective: save modules, optimizers and plain data under a temporary name and
+        publish atomically once every rank has finished."""
+        if storage_options is not None:
+            raise TypeError("MiCSStrategy writes checkpoints itself and takes no storage_options.")
+        path = self.broadcast(str(path))
+        full = self._state_dict_type == "full"
+        modules = [key for key, obj in state.items() if isinstance(obj, nn.Module)]
+        if len(modules) != 1:
+            raise ValueError(
+                "Pass exactly one model in the state to save, e.g. "
+                f"fabric.save(path, {{'model': model, 'optimizer': optimizer, ...}}); got {modules}."
+            )
+        tensors: dict[str, Any] = {}
+        metadata: dict[str, Any] = {}
+        for key, obj in state.items():
+            if isinstance(obj, nn.Module):
+                _apply_filter(key, filter or {}, self.get_module_state_dict(obj), tensors)
+            elif isinstance(obj, Optimizer):
+                _apply_filter(key, filter or {}, self.get_optimizer_state(obj), tensors)
+            else:
+                value = obj.state_dict() if isinstance(obj, _Stateful) else obj
+                _apply_filter(key, filter or {}, value, metadata)
+        if full:
+            ckpt.save_full(path, {**tensors, **metadata})
+        else:
+            topology = self.mics.topology
+            info = {
+                "partition_size": topology.partition_size,
+                "replication_size": topology.replication_size,
+                "ranks_per_node": topology.ranks_per_node,
+            }
+            ckpt.save_sharded(path, tensors, metadata, model_key=modules[0], info=info)
 
     def load_checkpoint(
         self,
@@ -249,29 +289,83 @@ class MiCSStrategy(ParallelStrategy):
         strict: bool = True,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=True)
-        if state is None:
-            return checkpoint
-        targets = state if isinstance(state, dict) else {"model": state}
-        options = StateDictOptions(full_state_dict=True, strict=strict)
-        for key, obj in list(targets.items()):
-            if isinstance(obj, nn.Module):
-                set_model_state_dict(obj, checkpoint.pop(key), options=options)
-            elif isinstance(obj, Optimizer):
-                set_optimizer_state_dict(
-                    self._module_of(obj), obj, checkpoint.pop(key), options=options
+        """Collective: load a checkpoint of either format, saved under any topology (or a
+        directory of checkpoints: its newest complete one). Always ``weights_only``."""
+        path = self.broadcast(str(path))
+        if isinstance(state, nn.Module):  # fabric.load_raw: a full model file
+            ckpt.load_model_weights(state, path, strict=strict)
+            return {}
+        if isinstance(state, Optimizer):
+            checkpoint = ckpt.load_full(ckpt.resolve_checkpoint(path)[0])
+            ckpt.set_optimizer_state(self._module_of(state), state, checkpoint, full=True)
+            return {}
+        resolved, kind = ckpt.resolve_checkpoint(path)
+        targets = state or {}
+        modules = {k: v for k, v in targets.items() if isinstance(v, nn.Module)}
+        optimizers = {k: v for k, v in targets.items() if isinstance(v, Optimizer)}
+        if kind == "full":
+            checkpoint = ckpt.load_full(resolved)
+            if state is None:
+                return checkpoint
+            for key, module in modules.items():
+                state_dict = self._pop(checkpoint, key, resolved, strict)
+                if state_dict is not None:
+                    ckpt.set_model_state(module, state_dict, full=True, strict=strict)
+            for key, optimizer in optimizers.items():
+                optim_state = self._pop(checkpoint, key, resolved, strict)
+                if optim_state is not None:
+                    ckpt.set_optimizer_state(
+                        self._module_of(optimizer), optimizer, optim_state, full=True
+                    )
+            metadata = checkpoint
+        else:
+            if state is None:
+                raise ValueError(
+                    f"{resolved} is a sharded checkpoint: pass the objects to load into, e.g. "
+                    "fabric.load(path, {'model': model, 'optimizer': optimizer})."
                 )
-        if isinstance(state, dict):
-            for key in list(targets):
-                if key in checkpoint and not isinstance(targets[key], nn.Module | Optimizer):
-                    state[key] = checkpoint.pop(key)
-        return checkpoint
+            keys = ckpt.checkpoint_keys(resolved)
+            tensors: dict[str, Any] = {}
+            for key, module in modules.items():
+                if self._present(key, keys, resolved, strict):
+                    tensors[key] = ckpt.model_state_dict(module)
+            for key, optimizer in optimizers.items():
+                if self._present(key, keys, resolved, strict):
+                    tensors[key] = ckpt.optimizer_state_dict(self._module_of(optimizer), optimizer)
+            metadata = ckpt.load_sharded(resolved, tensors, strict=strict)
+            for key, module in modules.items():
+                if key in tensors:
+                    ckpt.set_model_state(module, tensors[key], full=False, strict=strict)
+            for key, optimizer in optimizers.items():
+                if key in tensors:
+                    ckpt.set_optimizer_state(
+                        self._module_of(optimizer), optimizer, tensors[key], full=False
+                    )
+        for key in targets.keys() - modules.keys() - optimizers.keys():
+            if key in metadata:
+                state[key] = metadata.pop(key)  # type: ignore[index]
+            elif strict:
+                raise KeyError(
+                    f"The requested state contains a key {key!r} that does not exist in the "
+                    f"checkpoint {resolved}. To disable strict loading, set strict=False."
+                )
+        return metadata
+
+    @staticmethod
+    def _present(key: str, keys: set[str], path: Any, strict: bool) -> bool:
+        if key in keys:
+            return True
+        if strict:
+            raise KeyError(f"Checkpoint {path} has no entry {key!r} (has {sorted(keys)}).")
+        return False
+
+    @staticmethod
+    def _pop(checkpoint: dict[str, Any], key: str, path: Any, strict: bool) -> Any:
+        if key in checkpoint:
+            return checkpoint.pop(key)
+        if strict:
+            raise KeyError(f"Checkpoint {path} has no entry {key!r} (has {sorted(checkpoint)}).")
+        return None
 
     def teardown(self) -> None:
         self._modules.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Generator, Mapping
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -24,15 +25,20 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_mics import checkpoint as ckpt
+from lightning_mics.checkpoint import StateDictType
 from lightning_mics.config import MiCSConfig
 from lightning_mics.runtime import MiCSRuntime
 
 _ROOT_ATTR = "_mics_root"
+#: Checkpoint entries of our own: every rank's RNG states; "state dicts are sharded".
+_RNG_KEY = "mics_rng_states"
+_SHARDED_KEY = "mics_sharded"
 
 
 class _MiCSRoot(nn.Module):
@@ -75,10 +81,12 @@ class MiCSStrategy(ParallelStrategy):
         cluster_environment: Any | None = None,
         checkpoint_io: Any | None = None,
         precision_plugin: Any | None = None,
+        state_dict_type: StateDictType = "sharded",
         **options: Any,
     ) -> None:
         """``options`` are :class:`~lightning_mics.MiCSConfig` fields (``partition_size``,
-        ``accumulation``, ``param_dtype``, ...); alternatively pass a ready ``config``."""
+        ``accumulation``, ``param_dtype``, ...); alternatively pass a ready ``config``.
+        ``state_dict_type``: ``"sharded"`` (default) or ``"full"`` checkpoints."""
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -92,6 +100,9 @@ class MiCSStrategy(ParallelStrategy):
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self.num_nodes = 1
+        self.state_dict_type = state_dict_type
+        self._rng_to_restore: dict[str, Any] | None = None
+        self._requeue_handler: Callable[[Any, Any], None] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -124,7 +135,8 @@ class MiCSStrategy(ParallelStrategy):
 
     @property
     def lightning_restore_optimizer(self) -> bool:
-        return False
+        # Optimizer states are restored by `load_optimizer_state_dict` below.
+        return True
 
     # ------------------------------------------------------------------ processes
     def _configure_launcher(self) -> None:
@@ -255,13 +267,20 @@ class MiCSStrategy(ParallelStrategy):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
 
-    # --------------------------------------------------------- state dicts (full)
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def state_dict_type(self) -> StateDictType:
+        """``"sharded"``: checkpoints are distributed-checkpoint directories (each shard
+        written once); ``"full"``: one file with unsharded state dicts, written by rank 0."""
+        return self._state_dict_type
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        self._reshard()
-        return get_model_state_dict(self.lightning_module, options=options)
+    @state_dict_type.setter
+    def state_dict_type(self, value: StateDictType) -> None:
+        self._state_dict_type = ckpt._validate_type(value)
+
+    @property
+    def _full(self) -> bool:
+        return self._state_dict_type == "full"
 
     def _reshard(self) -> None:
         # NOTE: FSDP's state-dict hooks sit on the root wrapper, not on the
@@ -270,45 +289,171 @@ class MiCSStrategy(ParallelStrategy):
         if isinstance(self.model, _MiCSRoot):
             self.model.reshard()
 
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Keyed like the LightningModule's own state dict (no wrapper prefix): DTensor
+        shards (sharded) or unsharded CPU tensors on rank 0 (full; collective)."""
+        self._reshard()
+        return ckpt.model_state_dict(self.lightning_module, full=self._full)
 
-        options = StateDictOptions(full_state_dict=True, strict=strict)
-        set_model_state_dict(self.lightning_module, checkpoint["state_dict"], options=options)
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        self._reshard()
+        full = not checkpoint.get(_SHARDED_KEY, False)
+        ckpt.set_model_state(
+            self.lightning_module, checkpoint["state_dict"], full=full, strict=strict
+        )
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
-
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         self._reshard()
-        return get_optimizer_state_dict(self.lightning_module, optimizer, options=options)
+        return ckpt.optimizer_state_dict(self.lightning_module, optimizer, full=self._full)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True)
+        self._reshard()
+        full = not checkpoint.get(_SHARDED_KEY, False)
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
-            set_optimizer_state_dict(self.lightning_module, optimizer, state, options=options)
+            if isinstance(optimizer, LightningOptimizer):
+                optimizer = optimizer._optimizer
+            ckpt.set_optimizer_state(self.lightning_module, optimizer, state, full=full)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
-        # Full state dicts are gathered on every rank by the calls above (collectives);
-        # only rank 0 writes.
-        if self.is_global_zero:
-            self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options)
+        """Collective: write ``checkpoint`` under a temporary name and publish it
+        atomically once every rank has finished (see :mod:`lightning_mics.checkpoint`)."""
+        if storage_options is not None:
+            raise TypeError("MiCSStrategy writes checkpoints itself and takes no storage_options.")
+        path = self.broadcast(str(filepath))
+        self._warn_if_mid_accumulation_window()
+        checkpoint = dict(checkpoint)
+        checkpoint[_RNG_KEY] = ckpt.gather_rng_states()
+        if self._full:
+            ckpt.save_full(path, checkpoint)
+            return
+        tensors = {"state_dict": checkpoint.pop("state_dict")}
+        for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
+            tensors[f"optimizer_{i}"] = state
+        ckpt.save_sharded(
+            path, tensors, checkpoint, model_key="state_dict", info=self._topology_info()
+        )
+
+    def load_checkpoint(
+        self, checkpoint_path: Any, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Collective: read a checkpoint of either format, saved under any topology.
+
+        ``checkpoint_path`` may also be a directory of checkpoints: its newest complete
+        one is loaded. Files are read with ``weights_only=True`` whatever is passed.
+        """
+        path, kind = ckpt.resolve_checkpoint(self.broadcast(str(checkpoint_path)))
+        self._reshard()
+        if kind == "full":
+            checkpoint = ckpt.load_full(path)
+        else:
+            module = self.lightning_module
+            keys = ckpt.checkpoint_keys(path)
+            tensors: dict[str, Any] = {"state_dict": ckpt.model_state_dict(module)}
+            optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
+            fitting = module.trainer is not None and module.trainer.state.fn == TrainerFn.FITTING
+            names = [f"optimizer_{i}" for i in range(len(optimizers))]
+            if fitting and all(name in keys for name in names):
+                for name, optimizer in zip(names, optimizers, strict=True):
+                    tensors[name] = ckpt.optimizer_state_dict(module, optimizer)
+            else:
+                names = []
+            checkpoint = ckpt.load_sharded(path, tensors, strict=module.strict_loading)
+            checkpoint["state_dict"] = tensors["state_dict"]
+            if names:
+                checkpoint["optimizer_states"] = [tensors[name] for name in names]
+            checkpoint[_SHARDED_KEY] = True
+        states = checkpoint.pop(_RNG_KEY, None)
+        world = self.num_nodes * self.num_processes
+        # Exact only under the same world size; restored right before the next batch.
+        self._rng_to_restore = states[self.global_rank] if states and len(states) == world else None
+        return checkpoint
 
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.is_global_zero:
-            self.checkpoint_io.remove_checkpoint(filepath)
+            ckpt.remove_checkpoint(filepath)
+
+    def _topology_info(self) -> dict[str, Any]:
+        topology = self.mics.topology
+        return {
+            "partition_size": topology.partition_size,
+            "replication_size": topology.replication_size,
+            "ranks_per_node": topology.ranks_per_node,
+        }
+
+    def _warn_if_mid_accumulation_window(self) -> None:
+        trainer = self.lightning_module.trainer if self._lightning_module is not None else None
+        if trainer is None or not trainer.training or trainer.accumulate_grad_batches == 1:
+            return
+        epoch_loop = trainer.fit_loop.epoch_loop
+        processed = epoch_loop.batch_progress.current.processed
+        if (
+            processed % trainer.accumulate_grad_batches
+            and not epoch_loop.batch_progress.is_last_batch
+        ):
+            rank_zero_warn(
+                "Saving a checkpoint in the middle of a gradient accumulation window "
+                f"({processed % trainer.accumulate_grad_batches} of "
+                f"{trainer.accumulate_grad_batches} micro-batches done): the gradients "
+                "accumulated so far are not saved, so after resuming the window's "
+                "optimizer step sees only its remaining micro-batches."
+            )
+
+    # ------------------------------------------------ resume: RNG and Slurm requeue
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._defer_requeue_signal()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self._rng_to_restore is not None:
+            # NOTE: restored here, not at load time: Lightning draws from the global RNG
+            # when it creates the dataloader iterator after loading, which the
+            # uninterrupted run did not do at this point.
+            ckpt.set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        if self._requeue_handler is not None:
+            self._maybe_run_requeue()
+
+    def _defer_requeue_signal(self) -> None:
+        """Under Slurm auto-requeue, make the requeue signal only set a flag.
+
+        NOTE: Lightning's handler saves ``hpc_ckpt_<n>.ckpt`` inside the signal handler,
+        wherever each rank happens to be; a sharded save is collective, so ranks
+        interrupted at different points would deadlock or mix collectives. Instead the
+        ranks agree at the next batch boundary (one small all-reduce per batch, only
+        under Slurm auto-requeue) and run Lightning's handler there together.
+        """
+        import signal
+
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        env = self.cluster_environment
+        self._requeue_handler = None
+        if not isinstance(env, SLURMEnvironment) or not env.auto_requeue or os.name == "nt":
+            return
+        trainer = self.lightning_module.trainer
+        signum = env.requeue_signal or signal.SIGUSR1
+        self._requeue_signum = signum
+        self._requeue_requested = False
+        self._requeue_handler = trainer._signal_connector._slurm_sigusr_handler_fn
+
+        def request(signum: int, frame: Any) -> None:
+            self._requeue_requested = True
+
+        signal.signal(signum, request)
+
+    def _maybe_run_requeue(self) -> None:
+        flag = torch.tensor([1.0 if self._requeue_requested else 0.0], device=self.root_device)
+        if _distributed_is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0:
+            self._requeue_requested = False
+            assert self._requeue_handler is not None
+            self._requeue_handler(self._requeue_signum, None)
 
     def teardown(self) -> None:
         assert self.cluster_environment is not None

@@ -1,0 +1,1 @@
+"""Benchmarks and the emulated multi-node cluster (see ``benchmarks/README.md``)."""

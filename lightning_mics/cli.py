@@ -1,0 +1,47 @@
+"""``lightning-mics`` console script.
+
+``lightning-mics consolidate CKPT OUT [--torch-out FILE] [--model-key KEY]`` writes the
+model of a checkpoint (sharded directory, full file, or a directory of checkpoints: the
+newest complete one) as one safetensors file that loads into the unsharded model with
+``load_state_dict(strict=True)``. Runs in one process, without a process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lightning_mics.checkpoint import CheckpointError, consolidate_checkpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lightning-mics", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    consolidate = commands.add_parser(
+        "consolidate", help="write a checkpoint's model as one safetensors file"
+    )
+    consolidate.add_argument("checkpoint", help="checkpoint, or a directory of checkpoints")
+    consolidate.add_argument("out", help="output .safetensors file")
+    consolidate.add_argument(
+        "--torch-out", default=None, help="also write a plain torch.save state dict here"
+    )
+    consolidate.add_argument(
+        "--model-key",
+        default=None,
+        help="entry holding the model (default: the one recorded at save time)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        state = consolidate_checkpoint(
+            args.checkpoint, args.out, torch_out=args.torch_out, model_key=args.model_key
+        )
+    except (CheckpointError, FileNotFoundError) as exc:
+        print(f"lightning-mics: error: {exc}", file=sys.stderr)
+        return 1
+    numel = sum(t.numel() for t in state.values())
+    print(f"wrote {len(state)} tensors ({numel} elements) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""Checkpoints: sharded and full save, exact resume (Trainer, Fabric, Slurm requeue),
+resharding across topologies, consolidation, crash safety and safe loading.
+
+One Trainer launch on 2 emulated nodes x 2 ranks (partition 4) writes the checkpoints
+(``tests/scripts/ckpt_trainer.py``); they are loaded under partition 2 on 4 ranks (with
+Fabric too), on 2 ranks and in this process. Crash tests launch one process per rank
+without torchrun, whose agent would otherwise kill the surviving ranks itself.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import lightning_mics
+from lightning_mics import checkpoint as ckpt
+from tests.launch import REPO, SCRIPTS, run_script
+
+TOL = 1e-6
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("ckpt")
+    report = run_script(
+        "ckpt_trainer.py", 4, "--partition-size", 4, "--ranks-per-node", 2, "--dir", out
+    )
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def consolidated(saved) -> tuple[Path, subprocess.CompletedProcess]:
+    out, _ = saved
+    script = Path(sys.executable).parent / "lightning-mics"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "lightning_mics.cli"]
+    proc = subprocess.run(
+        [
+            *cmd,
+            "consolidate",
+            str(out / "sharded"),  # a directory of checkpoints: the newest is step=6
+            str(out / "consolidated.safetensors"),
+            "--torch-out",
+            str(out / "consolidated.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def reshard_w4(saved, consolidated) -> dict:
+    out, _ = saved
+    args = ("--partition-size", 2, "--ranks-per-node", 2, "--dir", out, "--fabric")
+    return run_script("ckpt_reshard.py", 4, *args)
+
+
+# ----------------------------------------------------------------------- exact resume
+@pytest.mark.parametrize("kind", ["sharded", "full", "hpc"])
+def test_exact_resume(saved, kind: str) -> None:
+    _, report = saved
+    assert report["uninterrupted_steps"] == 6 and report["num_losses"] == 12
+    result = report[f"resume_{kind}"]
+    assert result["global_step"] == 6
+    assert result["batches_skipped"] == 6  # loop progress: resumed after step 3
+    assert result["num_losses"] == 6
+    assert result["loss_diff"] <= TOL, result
+    assert result["param_diff"] <= TOL, result
+    assert result["lr"] == pytest.approx(report["uninterrupted_lr"])  # scheduler state
+
+
+def test_slurm_requeue_writes_and_resumes_a_sharded_hpc_checkpoint(saved) -> None:
+    out, report = saved
+    # Ranks got the signal at different batches; one checkpoint was written, together.
+    assert report["root_entries"] == ["hpc_ckpt_1.ckpt"]
+    assert ckpt.is_sharded_checkpoint(out / "root" / "hpc_ckpt_1.ckpt")
+    assert report["resume_hpc"]["ckpt_path"].endswith("hpc_ckpt_1.ckpt")
+
+
+def test_modelcheckpoint_writes_sharded_directories(saved) -> None:
+    out, report = saved
+    assert report["sharded_dirs"] == ["step=3.ckpt", "step=6.ckpt"]
+    marker = ckpt.verify_sharded(out / "sharded" / "step=3.ckpt")
+    assert marker["partition_size"] == 4 and marker["world_size"] == 4
+    assert ckpt.load_full(out / "full" / "step3.ckpt")["global_step"] == 3
+
+
+def test_saving_mid_accumulation_window_warns(saved) -> None:
+    _, report = saved
+    (message,) = report["mid_window_warning"]
+    assert "1 of 2 micro-batches" in message and "not saved" in message
+
+
+def test_resume_from_directory_picks_newest_complete(saved) -> None:
+    out, report = saved
+    result = report["resume_dir"]
+    assert result["global_step"] == 6 and result["param_diff"] == 0.0
+    # the incomplete "step=9.ckpt" and the interrupted save are not candidates
+    assert ckpt.find_latest_checkpoint(out / "sharded") == out / "sharded" / "step=6.ckpt"
+
+
+# ------------------------------------------------------------------------- resharding
+def test_reshard_to_partition_2_on_4_ranks(reshard_w4) -> None:
+    trainer = reshard_w4["trainer"]
+    assert "partition_size=2" in trainer["topology"] and "replication_size=2" in trainer["topology"]
+    assert trainer["global_step"] == 3
+    assert trainer["model_diff"] == 0.0 and trainer["optimizer_diff"] == 0.0
+    assert trainer["scheduler_equal"]
+
+
+def test_reshard_to_2_ranks(saved) -> None:
+    out, _ = saved
+    args = ("--partition-size", 2, "--ranks-per-node", 2, "--dir", out)
+    trainer = run_script("ckpt_reshard.py", 2, *args)["trainer"]
+    assert "2 ranks" in trainer["topology"]
+    assert trainer["model_diff"] == 0.0 and trainer["optimizer_diff"] == 0.0
+    assert trainer["scheduler_equal"]
+
+
+def test_reshard_to_one_process(saved) -> None:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from tests.scripts import ckpt_common as cc
+
+    out, _ = saved
+    ref = torch.load(out / "ref3.pt", weights_only=True)
+    module = cc.LitGPT(seed=11)
+    optimizer = cc.make_optimizer(module.parameters())
+    meta = lightning_mics.load_checkpoint(
+        out / "sharded" / "step=3.ckpt", module, optimizer, optimizer_key="optimizer_0"
+    )
+    assert meta["global_step"] == 3
+    assert cc.state_diff(dict(module.state_dict()), ref["model"]) == 0.0
+    state = get_optimizer_state_dict(module, optimizer)["state"]
+    assert cc.state_diff(state, ref["optimizer"]["state"]) == 0.0
+
+
+def test_each_shard_is_written_once(saved, reshard_w4) -> None:
+    out, _ = saved
+    # Saved with partition 2 and 2 replicas: every chunk of every tensor once.
+    replicated = out / "resaved-w4-p2.ckpt"
+    metadata = ckpt._read_metadata(replicated)
+    for name, meta in metadata.state_dict_metadata.items():
+        if hasattr(meta, "chunks"):
+            offsets = [tuple(c.offsets) for c in meta.chunks]
+            assert len(offsets) == len(set(offsets)), name
+            covered = sum(torch.Size(c.sizes).numel() for c in meta.chunks)
+            assert covered == meta.size.numel(), name
+    assert len(metadata.storage_data) == sum(
+        len(m.chunks) if hasattr(m, "chunks") else 1 for m in metadata.state_dict_metadata.values()
+    )
+    # Bytes: about those of the unreplicated (partition 4) checkpoint, not twice as many.
+    data = sum(v for k, v in ckpt.written_bytes(replicated).items() if k.endswith(".distcp"))
+    single = sum(
+        v
+        for k, v in ckpt.written_bytes(out / "sharded" / "step=3.ckpt").items()
+        if k.endswith(".distcp")
+    )
+    assert data < 1.2 * single, (data, single)
+
+
+# --------------------------------------------------------------------------- Fabric
+def test_fabric_loads_trainer_checkpoint_of_other_topology(reshard_w4) -> None:
+    fabric = reshard_w4["fabric"]
+    assert fabric["trainer_ckpt_model_diff"] == 0.0
+    assert fabric["trainer_ckpt_optimizer_diff"] == 0.0
+    assert fabric["trainer_ckpt_global_step"] == 3
+
+
+@pytest.mark.parametrize("kind", ["sharded", "full"])
+def test_fabric_exact_resume(reshard_w4, kind: str) -> None:
+    result = reshard_w4["fabric"][f"fabric_resume_{kind}"]
+    assert result["step"] == 3 and result["num_losses"] == 6 and result["rest"] == []
+    assert result["loss_diff"] <= TOL and result["param_diff"] <= TOL
+
+
+# ---------------------------------------------------------------------- consolidation
+def test_consolidate_cli_writes_a_strict_loadable_file(saved, consolidated) -> None:
+    from safetensors.torch import load_file
+
+    from tests.scripts import ckpt_common as cc
+
+    out, proc = consolidated
+    assert proc.returncode == 0, proc.stderr
+    final = torch.load(out / "final.pt", weights_only=True)
+    for state in (
+        load_file(out / "consolidated.safetensors"),
+        torch.load(out / "consolidated.pt", weights_only=True),
+    ):
+        module = cc.LitGPT(seed=4)
+        module.load_state_dict(state, strict=True)
+        assert cc.state_diff(dict(module.state_dict()), final) == 0.0
+
+
+def test_mics_run_initialised_from_a_full_model_file(reshard_w4) -> None:
+    assert reshard_w4["fabric"]["init_from_file_diff"] == 0.0
+
+
+def test_consolidate_cli_reports_errors(tmp_path) -> None:
+    from lightning_mics.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["consolidate", str(tmp_path / "empty"), str(tmp_path / "x.safetensors")]) == 1
+
+
+# -------------------------------------------------------------------- safety and damage
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _copy(saved, tmp_path: Path) -> Path:
+    out, _ = saved
+    target = tmp_path / "step=6.ckpt"
+    shutil.copytree(out / "sharded" / "step=6.ckpt", target)
+    return target
+
+
+def _load_one_process(path: Path) -> None:
+    from tests.scripts import ckpt_common as cc
+
+    module = cc.LitGPT()
+    lightning_mics.load_checkpoint(path, module)
+
+
+def test_loading_never_runs_pickled_code(saved, tmp_path) -> None:
+    pwned = tmp_path / "pwned"
+    exploit = _Exploit()
+    exploit.marker = pwned
+    for name in (ckpt.META_FILE, ".metadata"):
+        path = _copy(saved, tmp_path / name)
+        file = path / name
+        payload = pickle.dumps(exploit) if name == ".metadata" else None
+        if payload is None:
+            torch.save({"x": exploit}, file)
+        else:
+            file.write_bytes(payload)
+        marker = ckpt.read_marker(path)
+        marker["files"][name] = file.stat().st_size
+        (path / ckpt.MARKER_FILE).write_text(__import__("json").dumps(marker))
+        with pytest.raises(ckpt.CheckpointError, match=name):
+            _load_one_process(path)
+        assert not pwned.exists()
+
+
+def test_truncated_or_corrupt_files_name_the_file(saved, tmp_path) -> None:
+    path = _copy(saved, tmp_path / "truncated")
+    shard = sorted(path.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match=f"{shard}.*truncated"):
+        _load_one_process(path)
+
+    path = _copy(saved, tmp_path / "garbage")
+    shard = sorted(path.glob("*.distcp"))[-1]
+    shard.write_bytes(b"\0" * shard.stat().st_size)
+    with pytest.raises(ckpt.CheckpointError, match=str(shard)):
+        _load_one_process(path)
+
+    out, _ = saved
+    full = tmp_path / "step3.ckpt"
+    full.write_bytes((out / "full" / "step3.ckpt").read_bytes()[:5000])
+    with pytest.raises(ckpt.CheckpointError, match=str(full)):
+        _load_one_process(full)
+
+    path = _copy(saved, tmp_path / "unmarked")
+    (path / ckpt.MARKER_FILE).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="completion marker"):
+        _load_one_process(path)
+
+
+# ---------------------------------------------------------------------------- crashes
+def _launch_ranks(mode: str, world: int, workdir: Path, timeout: float) -> list[tuple]:
+    """One process per rank, no agent; returns (returncode, stderr) per rank."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "LOCAL_RANK": str(rank),
+            "RANK": str(rank),
+            "NODE_RANK": "0",
+            "WORLD_SIZE": str(world),
+        }
+        cmd = [sys.executable, str(SCRIPTS / "ckpt_crash.py"), "--dir", str(workdir)]
+        cmd += ["--mode", mode, "--timeout", str(timeout)]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    results = []
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise AssertionError(
+                f"rank {procs.index(proc)} hangs after another rank died"
+            ) from None
+        results.append((proc.returncode, err))
+    return results
+
+
+def _failure_delays(results, workdir: Path) -> list[float]:
+    died = float((workdir / "victim-died").read_text())
+    delays = []
+    for rc, err in results:
+        if rc == -9:
+            continue
+        assert rc != 0, err[-3000:]
+        line = [x for x in err.splitlines() if x.startswith("FAILED-AT ")]
+        assert line, err[-3000:]
+        delays.append(float(line[-1].split()[1]) - died)
+    return delays
+
+
+def test_rank_killed_while_writing_leaves_no_complete_checkpoint(tmp_path) -> None:
+    timeout = 10.0
+    results = _launch_ranks("save", 2, tmp_path, timeout)
+    assert results[1][0] == -9  # the victim
+    err = results[0][1]
+    assert "CheckpointError" in err and "did a rank die?" in err, err[-3000:]
+    assert max(_failure_delays(results, tmp_path)) < timeout + 20
+    # The interrupted save was never published; the previous one is the newest complete.
+    assert not (tmp_path / "step-2").exists()
+    partial = list(tmp_path.glob(f"{ckpt.TMP_PREFIX}*"))
+    assert partial and not (partial[0] / ckpt.MARKER_FILE).exists()
+    assert ckpt.find_latest_checkpoint(tmp_path) == tmp_path / "step-1"
+    from tests.scripts import common
+
+    model = common.make_model(seed=3)
+    lightning_mics.load_checkpoint(tmp_path, model)  # resumes from step-1
+
+
+def test_rank_killed_in_training_makes_the_others_exit(tmp_path) -> None:
+    timeout = 10.0
+    started = time.monotonic()
+    results = _launch_ranks("train", 4, tmp_path, timeout)
+    assert results[1][0] == -9
+    delays = _failure_delays(results, tmp_path)
+    assert len(delays) == 3 and max(delays) < timeout + 20, delays
+    for rc, err in results:
+        if rc != -9:
+            assert any(
+                s in err for s in ("Connection closed by peer", "Connection reset", "Timed out")
+            ), err[-3000:]
+    assert time.monotonic() - started < 200
