@@ -10,22 +10,17 @@ import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.fabric.strategies.parallel import ParallelStrategy
-from lightning.fabric.strategies.strategy import TBroadcast, _apply_filter, _BackwardSyncControl
+from lightning.fabric.strategies.strategy import _apply_filter, _BackwardSyncControl
 from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized,
-    _get_default_process_group_backend_for_device,
-    _init_dist_connection,
     _sync_ddp_if_available,
 )
-from lightning.fabric.utilities.distributed import group as _group
-from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning.fabric.utilities.types import ReduceOp, _Stateful
-from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from lightning_mics import checkpoint as ckpt
+from lightning_mics._lightning import MiCSParallelMixin
 from lightning_mics.checkpoint import StateDictType
 from lightning_mics.config import MiCSConfig
 from lightning_mics.runtime import MiCSRuntime
@@ -40,7 +35,7 @@ class _MiCSBackwardSyncControl(_BackwardSyncControl):
         return self._runtime.micro_step(module, is_last=not enabled)
 
 
-class MiCSStrategy(ParallelStrategy):
+class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
     """MiCS sharded data parallelism for Fabric.
 
     Takes the options of :class:`~lightning_mics.MiCSConfig` as keyword arguments.
@@ -48,7 +43,7 @@ class MiCSStrategy(ParallelStrategy):
     accumulation window in ``fabric.no_backward_sync(model, enabled=True)``.
     """
 
-    strategy_name = "mics"
+    _launcher_cls = _SubprocessScriptLauncher
 
     def __init__(
         self,
@@ -85,17 +80,6 @@ class MiCSStrategy(ParallelStrategy):
         self.state_dict_type = state_dict_type
 
     @property
-    def is_distributed(self) -> bool:
-        # Read by Lightning's connector for custom strategies: enables the distributed
-        # sampler so that every rank sees different data.
-        return True
-
-    @property
-    def root_device(self) -> torch.device:
-        assert self.parallel_devices is not None
-        return self.parallel_devices[self.local_rank]
-
-    @property
     def num_nodes(self) -> int:
         return self._num_nodes
 
@@ -103,51 +87,9 @@ class MiCSStrategy(ParallelStrategy):
     def num_nodes(self, num_nodes: int) -> None:
         self._num_nodes = num_nodes
 
-    @property
-    def num_processes(self) -> int:
-        return len(self.parallel_devices) if self.parallel_devices is not None else 0
-
-    @property
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
-
-    @property
-    def process_group_backend(self) -> str | None:
-        return self._process_group_backend
-
-    def _configure_launcher(self) -> None:
-        # NOTE: check the layout arithmetic here, when the Trainer/Fabric is built and
-        # before any process is launched, so that bad input fails once, up front.
-        self.mics.resolve_topology(self.num_nodes * self.num_processes, self.num_processes)
-        assert self.cluster_environment is not None
-        if not self.cluster_environment.creates_processes_externally:
-            self._launcher = _SubprocessScriptLauncher(
-                self.cluster_environment, self.num_processes, self.num_nodes
-            )
-
     def setup_environment(self) -> None:
-        self.mics.resolve_topology(self.num_nodes * self.num_processes, self.num_processes)
         super().setup_environment()
-        self._set_world_ranks()
-        self._process_group_backend = (
-            self._process_group_backend
-            or _get_default_process_group_backend_for_device(self.root_device)
-        )
-        assert self.cluster_environment is not None
-        kwargs: dict[str, Any] = {"timeout": self._timeout}
-        if self.root_device.type != "cpu":
-            kwargs["device_id"] = self.root_device
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
-        self.mics.setup(self.root_device)
-        rank_zero_info(self.mics.topology.describe())
-
-    def _set_world_ranks(self) -> None:
-        if self.cluster_environment is not None:
-            self.cluster_environment.set_global_rank(
-                self.node_rank * self.num_processes + self.local_rank
-            )
-            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+        self._connect()
 
     # --------------------------------------------------------------------- model
     def setup_module(self, module: nn.Module) -> nn.Module:
@@ -195,21 +137,6 @@ class MiCSStrategy(ParallelStrategy):
         if isinstance(tensor, Tensor):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
-
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
-        if not _distributed_is_initialized():
-            return
-        if torch.distributed.get_backend() == "nccl":
-            torch.distributed.barrier(device_ids=[self.root_device.index])
-        else:
-            torch.distributed.barrier()
-
-    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
-        if not _distributed_is_initialized():
-            return obj
-        objs = [obj]
-        torch.distributed.broadcast_object_list(objs, src, group=_group.WORLD)
-        return objs[0]
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -371,12 +298,3 @@ class MiCSStrategy(ParallelStrategy):
         self._modules.clear()
         self.mics.teardown()
         super().teardown()
-
-    @classmethod
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        if cls.strategy_name not in strategy_registry:
-            strategy_registry.register(
-                cls.strategy_name,
-                cls,
-                description="MiCS: sharded data parallel over partition groups (FSDP2)",
-            )

@@ -12,25 +12,21 @@ import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
-    _get_default_process_group_backend_for_device,
-    _init_dist_connection,
     _sync_ddp_if_available,
 )
-from lightning.fabric.utilities.distributed import group as _group
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import ReduceOp
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
-from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
-from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_mics import checkpoint as ckpt
+from lightning_mics._lightning import MiCSParallelMixin
 from lightning_mics.checkpoint import StateDictType
 from lightning_mics.config import MiCSConfig
 from lightning_mics.runtime import MiCSRuntime
@@ -59,7 +55,7 @@ class _MiCSRoot(nn.Module):
         return self.module(*args, **kwargs)
 
 
-class MiCSStrategy(ParallelStrategy):
+class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
     """MiCS sharded data parallelism for the Trainer.
 
     Model states are sharded over partition groups of ``partition_size`` consecutive
@@ -68,7 +64,7 @@ class MiCSStrategy(ParallelStrategy):
     to the Trainer's ``devices``.
     """
 
-    strategy_name = "mics"
+    _launcher_cls = _SubprocessScriptLauncher
 
     def __init__(
         self,
@@ -104,31 +100,6 @@ class MiCSStrategy(ParallelStrategy):
         self._rng_to_restore: dict[str, Any] | None = None
         self._requeue_handler: Callable[[Any, Any], None] | None = None
 
-    # ------------------------------------------------------------------ properties
-    @property
-    def is_distributed(self) -> bool:
-        # Read by Lightning's connector for custom strategies: enables the distributed
-        # sampler so that every rank sees different data.
-        return True
-
-    @property
-    def root_device(self) -> torch.device:
-        assert self.parallel_devices is not None
-        return self.parallel_devices[self.local_rank]
-
-    @property
-    def num_processes(self) -> int:
-        return len(self.parallel_devices) if self.parallel_devices is not None else 0
-
-    @property
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # Every rank sees different data: MiCS is data parallel over the whole world.
-        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
-
-    @property
-    def process_group_backend(self) -> str | None:
-        return self._process_group_backend
-
     @property
     def restore_checkpoint_after_setup(self) -> bool:
         return True
@@ -139,45 +110,10 @@ class MiCSStrategy(ParallelStrategy):
         return True
 
     # ------------------------------------------------------------------ processes
-    def _configure_launcher(self) -> None:
-        # NOTE: check the layout arithmetic here, when the Trainer/Fabric is built and
-        # before any process is launched, so that bad input fails once, up front.
-        self.mics.resolve_topology(self.num_nodes * self.num_processes, self.num_processes)
-        assert self.cluster_environment is not None
-        if not self.cluster_environment.creates_processes_externally:
-            self._launcher = _SubprocessScriptLauncher(
-                self.cluster_environment, self.num_processes, self.num_nodes
-            )
-
     def setup_environment(self) -> None:
-        # NOTE: validate the arithmetic before any process group exists, so that a bad
-        # partition size fails fast on every rank instead of hanging a collective.
-        self.mics.resolve_topology(self.num_nodes * self.num_processes, self.num_processes)
         super().setup_environment()
-        self._setup_distributed()
-        self.mics.setup(self.root_device)
-        rank_zero_info(self.mics.topology.describe())
-
-    def _setup_distributed(self) -> None:
         reset_seed()
-        self.set_world_ranks()
-        self._process_group_backend = (
-            self._process_group_backend
-            or _get_default_process_group_backend_for_device(self.root_device)
-        )
-        assert self.cluster_environment is not None
-        kwargs: dict[str, Any] = {"timeout": self._timeout}
-        if self.root_device.type != "cpu":
-            kwargs["device_id"] = self.root_device
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
-
-    def set_world_ranks(self) -> None:
-        if self.cluster_environment is not None:
-            self.cluster_environment.set_global_rank(
-                self.node_rank * self.num_processes + self.local_rank
-            )
-            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+        self._connect()
 
     # --------------------------------------------------------------------- model
     def setup(self, trainer: Trainer) -> None:
@@ -242,21 +178,6 @@ class MiCSStrategy(ParallelStrategy):
         return super().optimizer_step(optimizer, closure_then_flush, model, **kwargs)
 
     # ---------------------------------------------------------------- collectives
-    def barrier(self, name: str | None = None) -> None:
-        if not _distributed_is_initialized():
-            return
-        if torch.distributed.get_backend() == "nccl":
-            torch.distributed.barrier(device_ids=[self.root_device.index])
-        else:
-            torch.distributed.barrier()
-
-    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
-        if not _distributed_is_initialized():
-            return obj
-        objs = [obj]
-        torch.distributed.broadcast_object_list(objs, src, group=_group.WORLD)
-        return objs[0]
-
     def reduce(
         self,
         tensor: Tensor | Any,
@@ -460,15 +381,6 @@ class MiCSStrategy(ParallelStrategy):
         self.mics.teardown()
         self.cluster_environment.teardown()
         super().teardown()
-
-    @classmethod
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        if cls.strategy_name not in strategy_registry:
-            strategy_registry.register(
-                cls.strategy_name,
-                cls,
-                description="MiCS: sharded data parallel over partition groups (FSDP2)",
-            )
 
 
 def _has_meta(module: nn.Module) -> bool:

@@ -1,0 +1,108 @@
+"""What the Trainer and Fabric adapters share: process set-up, collectives, registration.
+
+Lightning's Trainer and Fabric each have their own ``ParallelStrategy`` base class with
+the same hooks; this mixin goes first in both adapters' bases so that neither repeats it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+)
+from lightning.fabric.utilities.distributed import group as _group
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+
+from lightning_mics.runtime import MiCSRuntime
+
+
+class MiCSParallelMixin:
+    """Shared part of both ``MiCSStrategy`` adapters (needs ``self.mics``)."""
+
+    strategy_name = "mics"
+    mics: MiCSRuntime
+    #: the package's subprocess launcher class, set by each adapter
+    _launcher_cls: Any
+
+    @property
+    def is_distributed(self) -> bool:
+        # Read by Lightning's connector for custom strategies: enables the distributed
+        # sampler so that every rank sees different data.
+        return True
+
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # MiCS is data parallel over the whole world.
+        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
+
+    @property
+    def process_group_backend(self) -> str | None:
+        return self._process_group_backend
+
+    def _configure_launcher(self) -> None:
+        # NOTE: check the layout arithmetic here, when the Trainer/Fabric is built and
+        # before any process is launched, so that bad input fails once, up front.
+        self.mics.resolve_topology(self.num_nodes * self.num_processes, self.num_processes)
+        assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally:
+            self._launcher = self._launcher_cls(
+                self.cluster_environment, self.num_processes, self.num_nodes
+            )
+
+    def _connect(self) -> None:
+        """Join the process group, then verify the node layout and build the mesh."""
+        self.mics.resolve_topology(self.num_nodes * self.num_processes, self.num_processes)
+        assert self.cluster_environment is not None
+        self.cluster_environment.set_global_rank(
+            self.node_rank * self.num_processes + self.local_rank
+        )
+        self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+        self._process_group_backend = (
+            self._process_group_backend
+            or _get_default_process_group_backend_for_device(self.root_device)
+        )
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        if self.root_device.type != "cpu":
+            kwargs["device_id"] = self.root_device
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        self.mics.setup(self.root_device)
+        rank_zero_info(self.mics.topology.describe())
+
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if not _distributed_is_initialized():
+            return
+        if torch.distributed.get_backend() == "nccl":
+            torch.distributed.barrier(device_ids=[self.root_device.index])
+        else:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        objs = [obj]
+        torch.distributed.broadcast_object_list(objs, src, group=_group.WORLD)
+        return objs[0]
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        if cls.strategy_name not in strategy_registry:
+            strategy_registry.register(
+                cls.strategy_name,
+                cls,
+                description="MiCS: sharded data parallel over partition groups (FSDP2)",
+            )
