@@ -216,19 +216,11 @@ def _attach(inner: Any, stats: CommStats) -> bool:
     return True
 
 
-class RecordingAllGather(AllGather):
-    """FSDP's flat all-gather, recorded.
+class _Recording:
+    """Shared part of the recording comms: the recorder, the optional inner comm (which
+    records its own stages when it has ``attach_stats``) and its allocator."""
 
-    Issues the collective FSDP's ``DefaultAllGather`` does (``dist.all_gather_single``
-    with the same ``async_op``), or delegates to ``inner`` when given (e.g. a
-    hierarchical all-gather), and returns its result unchanged. Records the output
-    buffer's bytes over the group FSDP passes, which is the smaller post-forward group
-    when ``reshard_after_forward`` is an int. An ``inner`` with ``attach_stats`` (the
-    hierarchical comms) records its own stages instead: one entry per sub-collective,
-    each with its own output buffer's bytes over its own (intra- or inter-node) group.
-    """
-
-    def __init__(self, stats: CommStats, inner: AllGather | None = None) -> None:
+    def __init__(self, stats: CommStats, inner: AllGather | ReduceScatter | None = None) -> None:
         self.stats = stats
         self.inner = inner
         self._inner_records = _attach(inner, stats)
@@ -239,6 +231,19 @@ class RecordingAllGather(AllGather):
         if self.inner is not None:
             return self.inner.allocate(size, dtype=dtype, device=device)
         return torch.empty(*size, dtype=dtype, device=device)
+
+
+class RecordingAllGather(_Recording, AllGather):
+    """FSDP's flat all-gather, recorded.
+
+    Issues the collective FSDP's ``DefaultAllGather`` does (``dist.all_gather_single``
+    with the same ``async_op``), or delegates to ``inner`` when given (e.g. a
+    hierarchical all-gather), and returns its result unchanged. Records the output
+    buffer's bytes over the group FSDP passes, which is the smaller post-forward group
+    when ``reshard_after_forward`` is an int. An ``inner`` with ``attach_stats`` (the
+    hierarchical comms) records its own stages instead: one entry per sub-collective,
+    each with its own output buffer's bytes over its own (intra- or inter-node) group.
+    """
 
     def __call__(
         self,
@@ -256,22 +261,10 @@ class RecordingAllGather(AllGather):
         )
 
 
-class RecordingReduceScatter(ReduceScatter):
+class RecordingReduceScatter(_Recording, ReduceScatter):
     """FSDP's flat reduce-scatter (``dist.reduce_scatter_single``), recorded by its
     input buffer's bytes; delegates to ``inner`` when given (which records its own
     stages, by their input buffers, when it has ``attach_stats``)."""
-
-    def __init__(self, stats: CommStats, inner: ReduceScatter | None = None) -> None:
-        self.stats = stats
-        self.inner = inner
-        self._inner_records = _attach(inner, stats)
-
-    def allocate(
-        self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        if self.inner is not None:
-            return self.inner.allocate(size, dtype=dtype, device=device)
-        return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(
         self,
