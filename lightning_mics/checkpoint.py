@@ -582,23 +582,30 @@ def load_sharded(
     """Collective: fill ``tensors`` (a state dict of templates: DTensor shards of the
     current topology, or plain tensors in one process) in place from the sharded
     checkpoint ``path``, resharding as needed; return its ``meta.pt`` content."""
+    path = Path(path)
+    _dcp_load(path, tensors, allow_partial_load=not strict, no_dist=not _is_dist())
+    return load_meta(path)
+
+
+def _dcp_load(
+    path: Path, tensors: dict[str, Any], *, allow_partial_load: bool, no_dist: bool
+) -> None:
+    """DCP load of a verified checkpoint, its failures turned into `CheckpointError`."""
     from torch.distributed.checkpoint import load as dcp_load
 
-    path = Path(path)
     verify_sharded(path)
     try:
         with _quiet_single_process():
             dcp_load(
                 tensors,
                 storage_reader=_reader(path),
-                planner=_load_planner(allow_partial_load=not strict),
-                no_dist=not _is_dist(),
+                planner=_load_planner(allow_partial_load=allow_partial_load),
+                no_dist=no_dist,
             )
     except CheckpointError:
         raise
     except _DCP_ERRORS as exc:
         raise CheckpointError(f"Could not load the sharded checkpoint {path}: {exc}") from exc
-    return load_meta(path)
 
 
 @contextlib.contextmanager
@@ -743,21 +750,7 @@ def consolidated_model_state(
 def load_sharded_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Fill flat ``{dotted.name: tensor}`` from a sharded checkpoint, in this process
     only (no collectives, whatever the process group)."""
-    from torch.distributed.checkpoint import load as dcp_load
-
-    verify_sharded(path)
-    try:
-        with _quiet_single_process():
-            dcp_load(
-                tensors,
-                storage_reader=_reader(path),
-                planner=_load_planner(allow_partial_load=True),
-                no_dist=True,
-            )
-    except CheckpointError:
-        raise
-    except _DCP_ERRORS as exc:
-        raise CheckpointError(f"Could not load the sharded checkpoint {path}: {exc}") from exc
+    _dcp_load(path, tensors, allow_partial_load=True, no_dist=True)
 
 
 def consolidate_checkpoint(
