@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_mics
@@ -28,6 +28,7 @@ from lightning_mics import CommStatsMonitor, MiCSConfig, MiCSStrategy, MiCSTopol
 from lightning_mics.accounting import comm_stats
 from recipes.gpt import GPT, GPTConfig
 from tests.scripts import common
+from tests.scripts.lit import LitGPT
 from tests.scripts.plain_checks import count_collectives
 
 RANKS_PER_NODE = 2
@@ -128,19 +129,6 @@ def check_numerics(accum: int, micro_batch: int) -> dict[str, Any]:
             no_stats = lightning_mics.accounting.find_comm_stats(model)
             out[f"p{p}"]["stats_found_when_off"] = no_stats is not None
     return out
-
-
-class LitGPT(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = common.make_model()
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return GPT.loss(self.model(x), y)
-
-    def configure_optimizers(self):
-        return common.make_optimizer(self.parameters())
 
 
 def check_trainer(accum: int, micro_batch: int, log_dir: Path) -> dict[str, Any]:

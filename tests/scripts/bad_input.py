@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 import torch.distributed as dist
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 
 from lightning_mics import MiCSStrategy, MiCSTopology, apply_mics
 from lightning_mics.topology import NODE_ID_ENV, MiCSTopologyError
-from recipes.gpt import GPT
 from tests.scripts import common
+from tests.scripts.lit import LitGPT
 
 #: name -> (partition_size, ranks_per_node or None for one node of all ranks, node ids)
 CASES: dict[str, tuple[int | str, int | None, str | None]] = {
@@ -40,19 +40,6 @@ CASES: dict[str, tuple[int | str, int | None, str | None]] = {
     "unequal": ("node", 2, "a,a,a,b"),
 }
 HANDSHAKE_TIMEOUT_S = 30.0
-
-
-class LitGPT(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = common.make_model()
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return GPT.loss(self.model(x), y)
-
-    def configure_optimizers(self):
-        return common.make_optimizer(self.parameters())
 
 
 def main() -> None:

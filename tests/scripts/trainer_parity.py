@@ -6,34 +6,24 @@ size, accumulation, accumulation mode) in this one launch.
 
 from __future__ import annotations
 
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 
 from lightning_mics import MiCSStrategy
 from recipes.gpt import GPT
 from tests.scripts import common
+from tests.scripts.lit import LitGPT
 
 
-class LitGPT(LightningModule):
+class ParityLitGPT(LitGPT):
     def __init__(self, accum: int = 1, skip_last: bool = False) -> None:
         # NOTE: skip_last is honoured by manual optimization only: Lightning itself
         # refuses a training_step that returns None in distributed automatic optimization.
         super().__init__()
-        self.model = common.make_model()
-        self.losses: list[float] = []
         self.accum = accum
         self.skip_last = skip_last
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = GPT.loss(self.model(x), y)
-        self.losses.append(loss.item())
-        return loss
 
-    def configure_optimizers(self):
-        return common.make_optimizer(self.parameters())
-
-
-class ManualLitGPT(LitGPT):
+class ManualLitGPT(ParityLitGPT):
     """Manual optimization with hand-written accumulation."""
 
     def __init__(self, accum: int = 1, skip_last: bool = False) -> None:
@@ -74,7 +64,7 @@ def run(cfg: common.RunConfig, world: int, args) -> tuple[list[float], dict]:
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
-    module = (ManualLitGPT if args.manual else LitGPT)(cfg.accum, args.skip_last)
+    module = (ManualLitGPT if args.manual else ParityLitGPT)(cfg.accum, args.skip_last)
     trainer.fit(module, common.make_loader(world, micro_batch, cfg.accum, steps, args.extra))
     losses = [common.mean_over_world(v) for v in module.losses]
     state = {k.removeprefix("model."): v for k, v in common.full_state(module).items()}
