@@ -36,9 +36,11 @@ NODES, RANKS_PER_NODE = 2, 2
 BANDWIDTH = "1gbit"
 #: The counters count Ethernet frames; the tests compare their TCP payload (frames minus
 #: 66 B of headers each, `LinkCounters.tx_payload_bytes`) with the expected bytes: within
-#: 0.5% + 8 KiB (measured: +0.03% to +0.06%; gloo's message headers and the barriers that
-#: bracket every window, < 1 KB per node, account for it).
-PAYLOAD_TOLERANCE = 0.005
+#: 5% + 8 KiB. Measured on an idle machine: +0.03% to +0.06% (gloo's message headers and the
+#: barriers that bracket every window, < 1 KB per node); under full CPU load once +1.6%
+#: (TCP retransmissions count as payload too). The ring models compared here differ by 25%
+#: or more, so 5% still tells them apart.
+PAYLOAD_TOLERANCE = 0.05
 SLACK_BYTES = 8 * 1024
 #: Kernel counters vs the accounting's logical bytes through the wire model.
 ACCOUNTING_TOLERANCE = 0.15
@@ -102,7 +104,7 @@ def test_kernel_counters_see_inter_node_traffic_only(available: None, tmp_path: 
     ``3/4 S``; all-gather over the two cross-node pairs ``{0,2}``, ``{1,3}`` (output
     ``S`` each) ``2 ranks x 1/2 S = S``; reduce-scatter over the world (input ``S``)
     ``1.5 S``: gloo emulates it with an all-reduce, twice a ring reduce-scatter's
-    ``3/4 S``. Tolerance: TCP payload within 0.5% of expected + 8 KiB.
+    ``3/4 S``. Tolerance: TCP payload within 5% of expected + 8 KiB.
     """
     report = run_on_cluster("cluster_collectives.py", tmp_path, "--numel", str(1 << 20))
     size = report["bytes"]
@@ -123,8 +125,9 @@ def test_kernel_counters_see_inter_node_traffic_only(available: None, tmp_path: 
                     f"{name}, node {node}: {direction} {link[direction]} B, expected "
                     f"{expected:.0f} B (+-{PAYLOAD_TOLERANCE:.1%} + {SLACK_BYTES} B)"
                 )
-            # the frames' headers: 66 B per frame, at most ~4.6% (1500-byte frames)
-            assert link["tx_bytes"] <= 1.05 * expected + SLACK_BYTES
+            # the frames' headers: 66 B per frame, at most ~4.6% (1500-byte frames), on top
+            # of the payload tolerance
+            assert link["tx_bytes"] <= 1.10 * expected + SLACK_BYTES
     # the node-internal collectives went over the loopback instead: 2 ranks x S (all-
     # reduce), 2 ranks x S/2 (all-gather)
     for node in range(NODES):

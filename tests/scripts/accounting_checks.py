@@ -178,7 +178,5 @@ def main() -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    try:
-        main()
-    finally:
-        dist.destroy_process_group()
+    main()
+    common.finish()

@@ -436,7 +436,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
-    try:
-        main()
-    finally:
-        dist.destroy_process_group()
+    main()
+    common.finish()

@@ -38,7 +38,7 @@ def main() -> None:
             losses, common.full_state(model), world, args.micro_batch, 1, args.steps
         )
     common.report(args.out, **results)
-    dist.destroy_process_group()
+    common.finish()
 
 
 if __name__ == "__main__":
