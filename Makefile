@@ -1,6 +1,11 @@
 # lightning-mics: `make train` runs the main example, `make test` lint + the whole suite.
 # Both create .venv on a fresh machine.
 PYTHON ?= python3
+# The torch build to install. PyPI's torch==2.13.0 for Linux x86_64 is a CUDA build
+# (several GB); for the CPU-only build point TORCH_INDEX at PyTorch's CPU wheel index,
+# e.g. `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu` (after `make clean`).
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -14,7 +19,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

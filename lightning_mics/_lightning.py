@@ -20,6 +20,54 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 
 from lightning_mics.runtime import MiCSRuntime
 
+_SUPPORTED_PRECISION = (
+    '"32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true" or "64-true" (or MiCS\'s '
+    'own mixed precision: MiCSStrategy(param_dtype="bf16"))'
+)
+
+
+def check_precision(plugin: Any) -> None:
+    """Refuse the precision plugins MiCS cannot honour, saying what to use instead.
+
+    Supported: ``32-true``, ``64-true``, ``16-true``, ``bf16-true`` (the module is
+    converted before sharding), ``bf16-mixed`` and ``16-mixed`` (autocast; the gradient
+    scaler's inf/NaN check runs on the sharded gradients and DTensor combines it over the
+    shards, so every rank skips or takes the same steps).
+    """
+    from lightning.fabric.plugins.precision import (
+        BitsandbytesPrecision,
+        DeepSpeedPrecision,
+        FSDPPrecision,
+        TransformerEnginePrecision,
+        XLAPrecision,
+    )
+    from lightning.pytorch.plugins import precision as trainer
+
+    # NOTE: the Trainer's TransformerEngine and bitsandbytes plugins subclass Fabric's;
+    # its DeepSpeed, FSDP and XLA plugins do not.
+    refused: list[tuple[tuple[type, ...], str]] = [
+        (
+            (TransformerEnginePrecision,),
+            "it replaces layers with TransformerEngine modules and runs them under FP8 "
+            "autocast, whose per-layer scaling state MiCS's sharding (FSDP2 fully_shard) "
+            "neither shards nor synchronises",
+        ),
+        ((BitsandbytesPrecision,), "its quantized weights cannot be sharded by fully_shard"),
+        (
+            (FSDPPrecision, trainer.FSDPPrecision),
+            "it configures FSDP1's mixed precision, which MiCS (built on FSDP2) never applies",
+        ),
+        ((DeepSpeedPrecision, trainer.DeepSpeedPrecision), "it is DeepSpeed's own plugin"),
+        ((XLAPrecision, trainer.XLAPrecision), "MiCS does not run on XLA devices"),
+    ]
+    for classes, why in refused:
+        if isinstance(plugin, classes):
+            name = getattr(plugin, "precision", type(plugin).__name__)
+            raise ValueError(
+                f"MiCSStrategy does not support precision {name!r} "
+                f"({type(plugin).__name__}): {why}. Use precision={_SUPPORTED_PRECISION}."
+            )
+
 
 class MiCSParallelMixin:
     """Shared part of both ``MiCSStrategy`` adapters (needs ``self.mics``)."""
@@ -54,9 +102,12 @@ class MiCSParallelMixin:
         return self._process_group_backend
 
     def _configure_launcher(self) -> None:
-        # NOTE: check the layout arithmetic here, when the Trainer/Fabric is built and
-        # before any process is launched, so that bad input fails once, up front.
+        # NOTE: check the layout arithmetic and the precision here, when the Trainer/Fabric
+        # is built (after Lightning set the plugins) and before any process is launched,
+        # so that bad input fails once, up front.
         self.mics.resolve_topology(self.num_nodes * self.num_processes, self.num_processes)
+        # The Trainer's strategies call the plugin `precision_plugin`, Fabric's `precision`.
+        check_precision(getattr(self, "precision_plugin", None) or self.precision)
         assert self.cluster_environment is not None
         if not self.cluster_environment.creates_processes_externally:
             self._launcher = self._launcher_cls(

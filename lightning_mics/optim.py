@@ -26,10 +26,19 @@ def clip_grad_norm_(
     grads = [p.grad for p in params]
     if not grads:
         return torch.tensor(0.0)
-    total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
+    total = torch.nn.utils.get_total_norm(grads, norm_type)
     if isinstance(total, DTensor):
         # NOTE: the norm of a Shard(0) DTensor is Partial over the shard dim; full_tensor()
         # reduces it with the right op for `norm_type` (sum of powers, or max for inf).
         total = total.full_tensor()
+    # NOTE: checked on the reduced norm, identical on every rank, so that all ranks raise
+    # together (a NaN in one rank's shard makes every rank's total NaN).
+    if error_if_nonfinite and not torch.isfinite(total).item():
+        raise RuntimeError(
+            f"The total norm of order {float(norm_type)} of the gradients is non-finite "
+            f"({total.item()}), so they cannot be clipped. Find where the NaN/inf comes from "
+            "(loss, learning rate, inputs), or pass error_if_nonfinite=False to scale the "
+            "gradients by the non-finite norm anyway."
+        )
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from lightning_mics.config import MiCSConfig
@@ -145,6 +146,19 @@ class MiCSRuntime:
 
     def flush(self, module: nn.Module) -> bool:
         return flush_pending_gradients(module)
+
+    @staticmethod
+    def reshard(module: nn.Module) -> None:
+        """Register every FSDP unit's sharded parameters again.
+
+        NOTE: units that keep their parameters gathered after forward (the root, or all of
+        them with ``reshard_after_forward=False``) expose unsharded tensors through
+        ``module.parameters()`` until the next backward; an optimizer or a state dict
+        created then would hold tensors FSDP overwrites at the next all-gather.
+        """
+        for unit in module.modules():
+            if isinstance(unit, FSDPModule):
+                unit.reshard()
 
     def teardown(self) -> None:
         """Destroy the mesh's process groups if this runtime created them and no module

@@ -23,6 +23,7 @@ from lightning_mics import checkpoint as ckpt
 from lightning_mics._lightning import MiCSParallelMixin
 from lightning_mics.checkpoint import StateDictType
 from lightning_mics.config import MiCSConfig
+from lightning_mics.optim import clip_grad_norm_
 from lightning_mics.runtime import MiCSRuntime
 
 
@@ -96,9 +97,53 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
         if not any(t.is_meta for t in module.parameters()):
             module.to(self.root_device)
         module = self.mics.shard(module, self.root_device)
+        self.mics.reshard(module)  # a reused module: optimizers need the shards
         if module not in self._modules:
             self._modules.append(module)
         return module
+
+    def setup_module_and_optimizers(
+        self, module: nn.Module, optimizers: list[Optimizer], scheduler: Any | None = None
+    ) -> tuple[nn.Module, list[Optimizer], Any | None]:
+        """``fabric.setup(model, optimizer, ...)``: shard the model, then point each
+        optimizer at the sharded parameters.
+
+        Sharding replaces every parameter of the model with a new (DTensor) parameter; an
+        optimizer created before would otherwise keep updating the old tensors, which the
+        model no longer uses. Parameters are matched by name; an optimizer parameter that
+        is not part of the model is left as it is. The optimizer must not have state yet.
+        """
+        for index, optimizer in enumerate(optimizers):
+            with_state = sum(1 for param_state in optimizer.state.values() if param_state)
+            if with_state:
+                raise RuntimeError(
+                    f"fabric.setup(model, optimizer) got an optimizer ({type(optimizer).__name__}"
+                    f", position {index}) that already has state for {with_state} "
+                    "parameters (from an earlier step, a loaded state dict, or an optimizer "
+                    "such as Adagrad that creates its state in its constructor). MiCS shards "
+                    "the parameters, and that state would not match the shards. Set up the "
+                    "model first and create the optimizer from the sharded parameters: "
+                    "model = fabric.setup_module(model); optimizer = "
+                    "fabric.setup_optimizers(MyOptimizer(model.parameters())); then load its "
+                    "state with fabric.load(path, {'model': model, 'optimizer': optimizer})."
+                )
+        # NOTE: fully_shard keeps the parameters' names (FQNs), so the name is the link
+        # from an old parameter to its sharded replacement; shared parameters map to the
+        # one parameter they remain.
+        names = {id(param): name for name, param in module.named_parameters(remove_duplicate=False)}
+        module = self.setup_module(module)
+        sharded = dict(module.named_parameters(remove_duplicate=False))
+        for optimizer in optimizers:
+            # NOTE: only empty entries (`state` is a defaultdict); dropping them releases
+            # the old, unsharded parameters they are keyed by.
+            optimizer.state.clear()
+            for group in optimizer.param_groups:
+                group["params"] = [
+                    sharded[names[id(param)]] if id(param) in names else param
+                    for param in group["params"]
+                ]
+        optimizers = [self.setup_optimizer(optimizer) for optimizer in optimizers]
+        return module, optimizers, scheduler
 
     def module_to_device(self, module: nn.Module) -> None:
         pass
@@ -111,10 +156,13 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
         stack.enter_context(self.precision.module_init_context())
         return stack
 
-    def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
+    def _flush(self) -> None:
         # Finish reductions a window ended without (see `flush_pending_gradients`).
         for module in self._modules:
             self.mics.flush(module)
+
+    def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
+        self._flush()
         return super().optimizer_step(optimizer, **kwargs)
 
     def clip_gradients_norm(
@@ -125,10 +173,31 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
         norm_type: float | int = 2.0,
         error_if_nonfinite: bool = True,
     ) -> Tensor:
+        """Clip the optimizer's gradients by their true global norm over the shards.
+
+        Parked gradients are flushed first, so that the gradient scaler (``16-mixed``)
+        unscales them with the others; ``error_if_nonfinite`` (Fabric's default: True)
+        raises on every rank when the norm is NaN or infinite."""
+        self._flush()
         self.precision.unscale_gradients(optimizer)
-        for m in self._modules:
-            self.mics.flush(m)
-        return self.mics.clip_grad_norm_(module, max_norm, norm_type)
+        return clip_grad_norm_(
+            self.precision.main_params(optimizer),
+            max_norm,
+            norm_type,
+            error_if_nonfinite=error_if_nonfinite,
+        )
+
+    def clip_gradients_value(
+        self, module: nn.Module, optimizer: Optimizer, clip_val: float | int
+    ) -> None:
+        """Clamp every gradient element to ``[-clip_val, clip_val]`` (each rank its shards:
+        element-wise, so no communication), after flushing and unscaling."""
+        self._flush()
+        self.precision.unscale_gradients(optimizer)
+        for param in self.precision.main_params(optimizer):
+            if param.grad is not None:
+                grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+                grad.clamp_(min=-clip_val, max=clip_val)
 
     # ---------------------------------------------------------------- collectives
     def all_reduce(
@@ -270,7 +339,14 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
                     )
         for key in targets.keys() - modules.keys() - optimizers.keys():
             if key in metadata:
-                state[key] = metadata.pop(key)  # type: ignore[index]
+                # As Lightning's own strategies do: an object with `load_state_dict` (LR
+                # scheduler, precision plugin, user object) is restored in place; a plain
+                # value is written into the state dict.
+                target = targets[key]
+                if isinstance(target, _Stateful):
+                    target.load_state_dict(metadata.pop(key))
+                else:
+                    state[key] = metadata.pop(key)  # type: ignore[index]
             elif strict:
                 raise KeyError(
                     f"The requested state contains a key {key!r} that does not exist in the "

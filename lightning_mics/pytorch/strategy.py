@@ -22,7 +22,9 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.optim import Optimizer
 
 from lightning_mics import checkpoint as ckpt
@@ -31,28 +33,9 @@ from lightning_mics.checkpoint import StateDictType
 from lightning_mics.config import MiCSConfig
 from lightning_mics.runtime import MiCSRuntime
 
-_ROOT_ATTR = "_mics_root"
 #: Checkpoint entries of our own: every rank's RNG states; "state dicts are sharded".
 _RNG_KEY = "mics_rng_states"
 _SHARDED_KEY = "mics_sharded"
-
-
-class _MiCSRoot(nn.Module):
-    """The FSDP root around a LightningModule.
-
-    NOTE: the Trainer calls ``training_step``, not ``forward``, so a sharded
-    LightningModule's own forward hooks (FSDP's root lazy-init, root unshard and the
-    end-of-backward callback) would never fire. Lightning's forward redirection calls
-    the strategy's ``model`` and reroutes its forward to the step method; making this
-    wrapper the FSDP root puts FSDP's root hooks around every step.
-    """
-
-    def __init__(self, module: LightningModule) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
 
 
 class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
@@ -119,24 +102,35 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
     def setup(self, trainer: Trainer) -> None:
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
-        self.model = self._sharded_root(self.lightning_module)
+        self.model = self._shard(self.lightning_module)
+        self.mics.reshard(self.model)  # a reused module: the optimizer needs the shards
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
 
-    def _sharded_root(self, module: LightningModule) -> _MiCSRoot:
-        # NOTE: Lightning calls configure_model and setup on every fit/validate/test,
-        # possibly with a new Trainer: the root is created once and kept on the module.
-        root = module.__dict__.get(_ROOT_ATTR)
-        if root is None:
-            if not _has_meta(module):
-                module.to(self.root_device)
-            root = _MiCSRoot(module)
-            module.__dict__[_ROOT_ATTR] = root
-        self.mics.shard(root, self.root_device)  # idempotent; checks the layout
-        return root
+    def _shard(self, module: LightningModule) -> LightningModule:
+        """Shard the LightningModule itself: it becomes the FSDP root.
+
+        NOTE: the root's hooks (lazy init, unsharding the root's own parameters, the
+        end-of-backward callback) then fire whenever the module is called: around every
+        ``*_step`` (see `_run_step`) and for ``self(x)`` from any hook or callback, and
+        for inference after ``fit``, as under DDP. Lightning calls ``configure_model`` and
+        ``setup`` on every fit/validate/test, possibly with a new Trainer: the module is
+        converted and sharded once, later calls only check the layout.
+        """
+        if not isinstance(module, FSDPModule):
+            # NOTE: what Lightning's own DDP/FSDP strategies do to the module, done before
+            # sharding: afterwards it would replace or convert tensors behind FSDP's back.
+            # No `module.to(device)`: `fully_shard` moves one unit at a time and keeps
+            # only its shard, so the unsharded model never has to fit on one device.
+            if self._layer_sync is not None:  # Trainer(sync_batchnorm=True)
+                module = self._layer_sync.apply(module)
+                _check_sync_batchnorm(module, self.root_device)
+            module = self.precision_plugin.convert_module(module)
+        self.mics.shard(module, self.root_device)  # idempotent; checks the layout
+        return module
 
     def model_to_device(self) -> None:
         # Sharded parameters already live on their device.
@@ -149,11 +143,36 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
         with ctx, self.precision_plugin.tensor_init_context():
             yield
 
+    # ------------------------------------------------------------------- steps
+    def _run_step(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        # NOTE: Lightning calls `training_step` & co. directly when the strategy's model
+        # is the LightningModule, which would bypass the FSDP root's hooks. Routing the
+        # call through the module's `__call__` (Lightning's forward redirection) runs
+        # them around the step; a `self(x)` inside the step is then a nested call that
+        # FSDP treats as part of the same forward.
+        return self._forward_redirection(self.model, self.lightning_module, method, *args, **kwargs)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        with self.precision_plugin.train_step_context():
+            return self._run_step("training_step", *args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        with self.precision_plugin.val_step_context():
+            return self._run_step("validation_step", *args, **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        with self.precision_plugin.test_step_context():
+            return self._run_step("test_step", *args, **kwargs)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.predict_step_context():
+            return self._run_step("predict_step", *args, **kwargs)
+
     # ------------------------------------------------------- gradient accumulation
     @contextmanager
     def block_backward_sync(self) -> Generator[None, None, None]:
         """Non-final micro-steps of an accumulation window (Lightning's only signal)."""
-        if isinstance(self.model, _MiCSRoot):
+        if isinstance(self.model, FSDPModule):
             with self.mics.micro_step(self.model, is_last=False):
                 yield
         else:
@@ -171,7 +190,7 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
         # earlier micro-steps' gradients and none leak into the next window.
         def closure_then_flush() -> Any:
             result = closure()
-            if isinstance(self.model, _MiCSRoot):
+            if isinstance(self.model, FSDPModule):
                 self.mics.flush(self.model)
             return result
 
@@ -204,11 +223,8 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
         return self._state_dict_type == "full"
 
     def _reshard(self) -> None:
-        # NOTE: FSDP's state-dict hooks sit on the root wrapper, not on the
-        # LightningModule; reshard explicitly so the root's parameters (kept gathered
-        # after an eval forward) are registered as shards again.
-        if isinstance(self.model, _MiCSRoot):
-            self.model.reshard()
+        if isinstance(self.model, FSDPModule):
+            self.mics.reshard(self.model)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """Keyed like the LightningModule's own state dict (no wrapper prefix): DTensor
@@ -377,11 +393,24 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
             self._requeue_handler(self._requeue_signum, None)
 
     def teardown(self) -> None:
+        # NOTE: unlike `Strategy.teardown`, neither `lightning_module.cpu()` nor moving
+        # the optimizer state: FSDP owns where the shards live, and a move behind its back
+        # leaves its sharded storage stale for the next fit/test on this module (Lightning's
+        # own FSDP strategies skip the move too).
         assert self.cluster_environment is not None
+        assert self.accelerator is not None
         self.mics.teardown()
         self.cluster_environment.teardown()
-        super().teardown()
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
 
 
-def _has_meta(module: nn.Module) -> bool:
-    return any(t.is_meta for t in module.parameters()) or any(t.is_meta for t in module.buffers())
+def _check_sync_batchnorm(module: nn.Module, device: torch.device) -> None:
+    if device.type == "cpu" and any(isinstance(m, nn.SyncBatchNorm) for m in module.modules()):
+        raise RuntimeError(
+            "Trainer(sync_batchnorm=True) converted the model's BatchNorm layers to "
+            "torch.nn.SyncBatchNorm, which has no CPU implementation (it fails at the first "
+            "training forward, under DDP too). Train on GPUs, or drop sync_batchnorm=True "
+            "on CPU."
+        )
