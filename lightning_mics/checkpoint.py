@@ -12,12 +12,25 @@ Two formats:
   the size of every file. Because tensors are addressed by name and global offsets, a
   checkpoint saved under one topology loads under any other (partition size,
   replication size, world size, or one process).
-- **full**: one ``torch.save`` file with unsharded state dicts, written by rank 0.
+- **full**: one ``torch.save`` file with unsharded state dicts, written by rank 0. Its
+  entry ``"lightning_mics"`` (removed again on loading) marks it as complete and ours.
 
 Crash safety: everything is written under a temporary name ``.mics-tmp-<id>`` next to
 the target, and rank 0 renames it to the final name only after every rank has finished
-(a directory rename is atomic). A checkpoint that exists under its final name is
-complete; :func:`find_latest_checkpoint` picks the newest complete one of a directory.
+(a rename is atomic). A checkpoint that exists under its final name is complete;
+:func:`find_latest_checkpoint` picks the newest complete one of a directory.
+
+Replacing a checkpoint of the same name (``last.ckpt``): a file replaces a file with
+one atomic ``os.replace``. A directory cannot be replaced atomically on every
+filesystem, so the old checkpoint is first renamed aside to ``<stem>.mics-old<suffix>``
+(``last.mics-old.ckpt``), the new one is renamed in, and only then is the old one
+removed. A crash between the two renames leaves the name missing and the old complete
+checkpoint aside: readers (:func:`resolve_checkpoint`, :func:`find_latest_checkpoint`,
+and Lightning's ``ckpt_path="last"``, which matches ``last*.ckpt``) load it. Loading
+never changes a directory (it runs on many ranks at once); the next save into the
+directory (rank 0, before it publishes) finishes what an interrupted save left: it
+restores a set-aside checkpoint whose name is missing, removes one whose name exists,
+and removes every ``.mics-tmp-*`` entry. One run writes into a directory at a time.
 
 Security: files are never unpickled with code execution: ``torch.load(...,
 weights_only=True)`` for ``meta.pt`` and full files, a restricted unpickler for DCP's
@@ -32,6 +45,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -39,7 +53,7 @@ import time
 import uuid
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,11 +71,25 @@ META_FILE = "meta.pt"
 #: Prefix of checkpoints being written (never mistaken for checkpoints, and free of
 #: ``ckpt_`` so that Lightning's ``hpc_ckpt_<n>`` version scan ignores them).
 TMP_PREFIX = ".mics-tmp-"
-_TARGET_FILE = ".mics-target"
+#: Tag of a checkpoint set aside while a new one replaces it (``last.mics-old.ckpt``).
+ASIDE_TAG = ".mics-old"
+#: Entry of a full checkpoint that marks it as written (completely) by lightning-mics.
+FULL_MARKER_KEY = "lightning_mics"
 FORMAT_NAME = "lightning-mics"
 FORMAT_VERSION = 1
-#: Extensions of single-file checkpoints that :func:`find_latest_checkpoint` considers.
-_FILE_SUFFIXES = (".ckpt", ".pt", ".pth")
+#: Keys of a Lightning checkpoint: ``state_dict`` and one of these.
+_LIGHTNING_KEYS = ("pytorch-lightning_version", "global_step", "epoch")
+
+_log = logging.getLogger(__name__)
+if not logging.getLogger().handlers and not _log.handlers:
+    # NOTE: as Lightning does for its own loggers: INFO is shown unless the application
+    # configured logging itself.
+    _log.setLevel(logging.INFO)
+    _log.addHandler(logging.StreamHandler())
+
+#: Test hook: called with the name of each step of publishing a checkpoint
+#: (``"written"``, ``"set-aside"``, ``"renamed-in"``); crash tests kill the process there.
+_on_publish_step: Callable[[str], None] | None = None
 
 
 class CheckpointError(RuntimeError):
@@ -91,6 +119,13 @@ def _is_dist() -> bool:
 
 def _rank() -> int:
     return dist.get_rank() if _is_dist() else 0
+
+
+def _info(message: str) -> None:
+    """Log on the global rank 0 only (also before the process group exists)."""
+    rank = dist.get_rank() if _is_dist() else int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        _log.info(message)
 
 
 def _broadcast_object(obj: Any) -> Any:
@@ -155,8 +190,33 @@ def set_optimizer_state(
         set_optimizer_state_dict,
     )
 
+    state = dict(state)
+    if full and not _has_tensor_state(state):
+        # NOTE: nothing to distribute (e.g. SGD without momentum keeps no state): the
+        # full state dict is also this rank's, and DCP's full path cannot load it
+        # ("Expected device to be set": it infers the device from tensor state).
+        full = False
     options = StateDictOptions(full_state_dict=full)
-    set_optimizer_state_dict(model, optimizer, dict(state), options=options)
+    set_optimizer_state_dict(model, optimizer, state, options=options)
+
+
+def _has_tensor_state(state: Mapping[str, Any]) -> bool:
+    """An optimizer state dict holds a per-parameter tensor that is not a scalar."""
+    found = False
+
+    def visit(value: Any) -> None:
+        nonlocal found
+        if isinstance(value, torch.Tensor):
+            found = found or value.dim() > 0
+        elif isinstance(value, Mapping):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                visit(v)
+
+    visit(state.get("state", {}))
+    return found
 
 
 # ------------------------------------------------------------------------ RNG states
@@ -378,16 +438,100 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / MARKER_FILE).is_file()
 
 
-def _is_full_file(path: Path) -> bool:
-    return path.is_file() and zipfile.is_zipfile(path)
+class _Opaque:
+    """Stands for every object but plain containers and scalars when a pickle is only
+    scanned for its keys: no class or function named in the file is imported or run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _ScanUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        return _Opaque
+
+    def persistent_load(self, pid: Any) -> Any:
+        return _Opaque()
+
+
+def _scan_torch_file(path: Path) -> dict[str, Any] | None:
+    """The top level of the ``torch.save`` zip file ``path`` if it is a dict: plain
+    values as they are, anything else (tensors, objects) as placeholders. Reads only the
+    pickle (not the tensor data) and runs none of its code. ``None`` if ``path`` is not
+    such a file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.count("/") == 1]
+            pickles = [n for n in names if n.endswith("/data.pkl")]
+            if not pickles:
+                return None
+            with archive.open(pickles[0]) as f:
+                root = _ScanUnpickler(f).load()
+    except Exception:
+        return None
+    return root if isinstance(root, dict) else None
+
+
+def _full_checkpoint_marker(root: Mapping[str, Any]) -> dict[str, Any] | None:
+    marker = root.get(FULL_MARKER_KEY)
+    if isinstance(marker, dict) and marker.get("format") == FORMAT_NAME:
+        return marker
+    return None
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is: ``"sharded"`` (a complete sharded checkpoint), ``"full"`` (a
+    full checkpoint written by lightning-mics), ``"lightning"`` (a Lightning checkpoint
+    file: ``state_dict`` and ``pytorch-lightning_version``/``global_step``/``epoch``),
+    or ``None`` (anything else, e.g. an exported model file). Unpickles nothing."""
+    found = _inspect(Path(path))
+    return found[0] if found is not None else None
+
+
+def _inspect(path: Path) -> tuple[str, float] | None:
+    """``(kind, time written)`` of checkpoint ``path`` (see :func:`checkpoint_kind`):
+    the time recorded in ours, the modification time of a Lightning file."""
+    try:
+        if path.is_dir():
+            if not is_sharded_checkpoint(path):
+                return None
+            return "sharded", float(read_marker(path).get("created", path.stat().st_mtime))
+        if not path.is_file() or not zipfile.is_zipfile(path):
+            return None
+        root = _scan_torch_file(path)
+        if root is None:
+            return None
+        marker = _full_checkpoint_marker(root)
+        if marker is not None:
+            return "full", float(marker.get("created", path.stat().st_mtime))
+        if "state_dict" in root and any(key in root for key in _LIGHTNING_KEYS):
+            return "lightning", path.stat().st_mtime
+    except (CheckpointError, OSError, TypeError, ValueError):
+        pass
+    return None
 
 
 def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint directly inside ``directory``, or ``None``.
 
-    Sharded checkpoints count when their completion marker exists (ordered by the time
-    recorded in it), full ones when they are ``.ckpt``/``.pt``/``.pth`` files (by
-    modification time). Checkpoints still being written (``.mics-tmp-*``) never count.
+    Counted: sharded checkpoints with their completion marker and full checkpoints
+    written by lightning-mics (ordered by the time recorded in them), and Lightning
+    checkpoint files (by modification time). Other files (an exported model, a plain
+    state dict) and checkpoints still being written (``.mics-tmp-*``) never count; a
+    checkpoint set aside by an interrupted replacement (``*.mics-old*``) counts (it is
+    older than its replacement, if that exists).
     """
     directory = Path(directory)
     candidates: list[tuple[float, str, Path]] = []
@@ -396,14 +540,9 @@ def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     for entry in directory.iterdir():
         if entry.name.startswith("."):
             continue
-        if entry.is_dir() and is_sharded_checkpoint(entry):
-            try:
-                created = float(read_marker(entry).get("created", entry.stat().st_mtime))
-            except CheckpointError:
-                continue
-            candidates.append((created, entry.name, entry))
-        elif entry.suffix in _FILE_SUFFIXES and _is_full_file(entry):
-            candidates.append((entry.stat().st_mtime, entry.name, entry))
+        found = _inspect(entry)
+        if found is not None:
+            candidates.append((found[1], entry.name, entry))
     return max(candidates)[2] if candidates else None
 
 
@@ -411,12 +550,20 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, StateDictType]:
     """Where and in which format the checkpoint ``path`` is.
 
     ``path`` is a sharded checkpoint directory, a full checkpoint file, or a directory of
-    checkpoints (its newest complete one is taken).
+    checkpoints (its newest complete one is taken). If ``path`` is missing because a
+    save replacing it was interrupted, its previous version (set aside) is taken.
     """
     path = Path(path)
     if path.is_file():
         return path, "full"
     if not path.exists():
+        aside = aside_path(path)
+        if checkpoint_kind(aside) is not None:
+            _info(
+                f"Checkpoint {path} is missing because a save replacing it was interrupted; "
+                f"loading its previous version {aside}."
+            )
+            return resolve_checkpoint(aside)
         raise CheckpointError(f"Checkpoint {path} does not exist.")
     if (path / MARKER_FILE).exists():
         return path, "sharded"
@@ -425,9 +572,30 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, StateDictType]:
     latest = find_latest_checkpoint(path)
     if latest is None:
         raise CheckpointError(
-            f"{path} is neither a checkpoint nor a directory holding a complete one."
+            f"{path} is neither a checkpoint nor a directory holding a complete one "
+            "(lightning-mics checkpoints and Lightning checkpoint files count; exported "
+            "model files do not)."
         )
+    _info(f"Loading the newest complete checkpoint in {path}: {latest.name}")
     return resolve_checkpoint(latest)
+
+
+def aside_path(target: str | os.PathLike) -> Path:
+    """Where the checkpoint ``target`` waits while a new one replaces it:
+    ``last.ckpt`` -> ``last.mics-old.ckpt`` (Lightning's ``ckpt_path="last"`` finds it)."""
+    target = Path(target)
+    suffix = target.suffix
+    stem = target.name[: len(target.name) - len(suffix)]
+    return target.with_name(f"{stem}{ASIDE_TAG}{suffix}")
+
+
+def _aside_target(aside: Path) -> Path | None:
+    """The name that ``aside`` was set aside from, or ``None`` if it is no aside."""
+    head, tag, tail = aside.name.rpartition(ASIDE_TAG)
+    if not tag or not head:
+        return None
+    target = aside.with_name(head + tail)
+    return target if aside_path(target) == aside else None
 
 
 # ------------------------------------------------------------------------ atomic writes
@@ -448,23 +616,78 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def _discard(path: Path) -> None:
+    """Remove a checkpoint: first rename it to a temporary name (atomic), so that an
+    interrupted removal never leaves a half-deleted checkpoint under a readable name."""
+    if not os.path.lexists(path):
+        return
+    hidden = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+    try:
+        os.rename(path, hidden)
+    except FileNotFoundError:
+        return
+    _remove(hidden)
+
+
+def _step(name: str) -> None:
+    if _on_publish_step is not None:
+        _on_publish_step(name)
+
+
+def _is_real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def recover_directory(
+    directory: str | os.PathLike, *, keep: str | os.PathLike | None = None
+) -> None:
+    """Finish what interrupted saves left in ``directory`` (rank 0 of the one run that
+    writes there): restore a set-aside checkpoint whose name is missing, remove one whose
+    name exists (it was replaced), and remove every temporary entry (``.mics-tmp-*``) but
+    ``keep``. Called by every save before it publishes."""
+    directory = Path(directory)
+    keep = Path(keep).name if keep is not None else None
+    for entry in sorted(directory.iterdir()):
+        if entry.name == keep:
+            continue
+        try:
+            if entry.name.startswith(TMP_PREFIX):
+                _remove(entry)
+                continue
+            target = _aside_target(entry) if ASIDE_TAG in entry.name else None
+            if target is None:
+                continue
+            if os.path.lexists(target):
+                _discard(entry)
+            else:
+                os.rename(entry, target)
+                _info(f"Restored checkpoint {target} (a save replacing it was interrupted).")
+        except OSError as exc:  # a leftover that cannot go must not fail the save
+            _log.warning(f"Could not clean up {entry} (left by an interrupted save): {exc}")
+    _fsync_dir(directory)
+
+
 def _publish(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``, replacing what is there (rank 0 only)."""
+    """Rename the complete checkpoint ``tmp`` to ``target`` (rank 0 only), so that a
+    crash at any point leaves the old or the new checkpoint readable under ``target``
+    or, between the two renames of a replaced directory, under ``aside_path(target)``."""
     parent = target.parent
-    old = None
-    if target.exists() or target.is_symlink():
-        old = parent / f"{TMP_PREFIX}old-{uuid.uuid4().hex}"
-        os.rename(target, old)
-    os.rename(tmp, target)
+    _step("written")
+    recover_directory(parent, keep=tmp)
+    if not os.path.lexists(target):
+        os.rename(tmp, target)
+    elif not _is_real_dir(tmp) and not _is_real_dir(target):
+        os.replace(tmp, target)  # atomic: readers see the old file or the new one
+    else:
+        aside = aside_path(target)
+        os.rename(target, aside)
+        _fsync_dir(parent)
+        _step("set-aside")
+        os.rename(tmp, target)
+        _fsync_dir(parent)
+        _step("renamed-in")
+        _discard(aside)
     _fsync_dir(parent)
-    if old is not None:
-        _remove(old)
-    # Leftovers of interrupted saves to the same target.
-    for entry in parent.glob(f"{TMP_PREFIX}*"):
-        marker = entry / _TARGET_FILE
-        with contextlib.suppress(OSError):
-            if entry.is_dir() and marker.is_file() and marker.read_text() == target.name:
-                shutil.rmtree(entry, ignore_errors=True)
 
 
 def _new_tmp(target: Path) -> Path:
@@ -495,7 +718,6 @@ def save_sharded(
     if _rank() == 0:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        (tmp / _TARGET_FILE).write_text(target.name)
     _barrier()
     try:
         dcp_save(
@@ -516,7 +738,7 @@ def save_sharded(
             files = {
                 str(f.relative_to(tmp)): f.stat().st_size
                 for f in sorted(tmp.rglob("*"))
-                if f.is_file() and f.name != _TARGET_FILE
+                if f.is_file()
             }
             marker = {
                 "format": FORMAT_NAME,
@@ -530,7 +752,6 @@ def save_sharded(
                 "bytes": sum(files.values()),
             }
             _write_text(json.dumps(marker, indent=1), tmp / MARKER_FILE)
-            (tmp / _TARGET_FILE).unlink()
             _publish(tmp, target)
         except Exception as exc:
             error = exc
@@ -538,16 +759,35 @@ def save_sharded(
     return target
 
 
-def save_full(path: str | os.PathLike, checkpoint: dict[str, Any]) -> Path:
+def save_full(
+    path: str | os.PathLike,
+    checkpoint: dict[str, Any],
+    *,
+    model_key: str | None = None,
+    info: dict[str, Any] | None = None,
+) -> Path:
     """Collective: rank 0 writes ``checkpoint`` (unsharded state dicts and plain data)
-    as one file, atomically."""
+    as one file, atomically, with the entry ``"lightning_mics"`` that marks it as a
+    complete lightning-mics checkpoint (:func:`load_full` removes it again).
+    ``model_key`` names the model's entry (default: ``"model"`` or ``"state_dict"``)."""
     target = Path(path).absolute()
     tmp = _new_tmp(target)
     error = None
     if _rank() == 0:
         try:
+            if model_key is None:
+                model_key = next((k for k in ("model", "state_dict") if k in checkpoint), None)
+            marker = {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "state_dict_type": "full",
+                "model_key": model_key,
+                "created": time.time(),
+                "world_size": dist.get_world_size() if _is_dist() else 1,
+                **(info or {}),
+            }
             target.parent.mkdir(parents=True, exist_ok=True)
-            _write_torch(checkpoint, tmp)
+            _write_torch({**checkpoint, FULL_MARKER_KEY: marker}, tmp)
             _publish(tmp, target)
         except Exception as exc:
             _remove(tmp)
@@ -571,8 +811,9 @@ def _write_text(text: str, file: Path) -> None:
 
 
 def remove_checkpoint(path: str | os.PathLike) -> None:
-    """Remove a checkpoint file or directory (call on rank 0)."""
-    _remove(Path(path))
+    """Remove a checkpoint file or directory (call on rank 0). It is renamed away first,
+    so an interrupted removal never leaves a partial checkpoint under its name."""
+    _discard(Path(path))
 
 
 # ------------------------------------------------------------------------ load
@@ -624,12 +865,18 @@ def load_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_full(path: str | os.PathLike) -> dict[str, Any]:
-    """A full checkpoint file (``weights_only=True``, memory-mapped)."""
+    """A full checkpoint file (``weights_only=True``, memory-mapped), without the
+    ``"lightning_mics"`` marker entry."""
+    return _load_full_and_marker(path)[0]
+
+
+def _load_full_and_marker(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     path = Path(path)
     checkpoint = _torch_load(path, mmap=zipfile.is_zipfile(path))
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"Checkpoint file {path} does not hold a dict.")
-    return checkpoint
+    marker = checkpoint.pop(FULL_MARKER_KEY, None)
+    return checkpoint, marker if isinstance(marker, dict) else {}
 
 
 def checkpoint_keys(path: str | os.PathLike) -> set[str]:
@@ -719,32 +966,67 @@ def _required(checkpoint: Mapping[str, Any], key: str, path: Path) -> Any:
 
 # ------------------------------------------------------------------------ consolidation
 def consolidated_model_state(
-    path: str | os.PathLike, model_key: str | None = None
+    path: str | os.PathLike, model_key: str | None = None, *, submodule: str | None = None
 ) -> dict[str, torch.Tensor]:
     """The model's unsharded state dict from any checkpoint, in one process.
 
     ``path``: sharded checkpoint, full checkpoint file, or directory of checkpoints.
+    ``submodule`` (a dotted attribute path such as ``"model"``): only that submodule's
+    entries, named as in the submodule's own state dict (``model.lm_head.weight`` ->
+    ``lm_head.weight``).
     """
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    sub = _submodule_prefix(submodule)
     path, kind = resolve_checkpoint(path)
     if kind == "full":
-        checkpoint = load_full(path)
-        key = model_key or ("model" if "model" in checkpoint else "state_dict")
+        checkpoint, marker = _load_full_and_marker(path)
+        key = model_key or marker.get("model_key")
+        key = key or ("model" if "model" in checkpoint else "state_dict")
         state = _required(checkpoint, key, path)
-        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        return _select_submodule(state, sub, path)
     key = model_key or read_marker(path).get("model_key", "model")
     metadata = _read_metadata(path)
     prefix = f"{key}."
-    tensors = {
-        name: torch.empty(meta.size, dtype=meta.properties.dtype)
+    names = [
+        name
         for name, meta in metadata.state_dict_metadata.items()
         if name.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
-    }
-    if not tensors:
+    ]
+    if not names:
         raise CheckpointError(f"Checkpoint {path} holds no model tensors under {key!r}.")
+    selected = [name for name in names if name.startswith(prefix + sub)]
+    if not selected:
+        _select_submodule({name.removeprefix(prefix): None for name in names}, sub, path)
+    tensors = {
+        name: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for name in selected
+        for meta in (metadata.state_dict_metadata[name],)
+    }
     load_sharded_tensors(path, tensors)
-    return {name.removeprefix(prefix): t for name, t in tensors.items()}
+    return {name.removeprefix(prefix + sub): t for name, t in tensors.items()}
+
+
+def _submodule_prefix(submodule: str | None) -> str:
+    """``"model"`` or ``"model."`` -> ``"model."``; ``None`` or ``""`` -> ``""``."""
+    name = (submodule or "").strip().strip(".")
+    return f"{name}." if name else ""
+
+
+def _select_submodule(state: dict[str, Any], sub: str, path: Path) -> dict[str, Any]:
+    if not sub:
+        return state
+    selected = {k.removeprefix(sub): v for k, v in state.items() if k.startswith(sub)}
+    if not selected:
+        depth = sub.count(".")
+        names = sorted({".".join(k.split(".")[:depth]) for k in state if k.count(".") >= depth})
+        raise CheckpointError(
+            f"The model in checkpoint {path} has no submodule {sub.rstrip('.')!r}; "
+            f"submodules at that depth: {names[:20]}. Pass one of them, or no submodule "
+            "for the whole model."
+        )
+    return selected
 
 
 def load_sharded_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -759,20 +1041,27 @@ def consolidate_checkpoint(
     *,
     torch_out: str | os.PathLike | None = None,
     model_key: str | None = None,
+    submodule: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Write the model of checkpoint ``path`` as one safetensors file ``out`` (and, with
     ``torch_out``, as a plain ``torch.save`` state dict); return the state dict.
 
-    The file loads into the unsharded model with ``load_state_dict(strict=True)``.
+    The file loads into the unsharded model with ``load_state_dict(strict=True)``; with
+    ``submodule`` (e.g. ``"model"`` for a LightningModule that holds its network as
+    ``self.model``), into that submodule alone, under its own parameter names (e.g. to
+    ``save_pretrained`` a Hugging Face model afterwards).
     """
     from safetensors.torch import save_file
 
-    state = consolidated_model_state(path, model_key)
+    state = consolidated_model_state(path, model_key, submodule=submodule)
     state = {k: v.detach().contiguous().clone() for k, v in state.items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-    save_file(state, str(tmp), metadata={"format": "pt", "source": str(path)})
+    metadata = {"format": "pt", "source": str(path)}
+    if submodule:
+        metadata["submodule"] = _submodule_prefix(submodule).rstrip(".")
+    save_file(state, str(tmp), metadata=metadata)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # like any file this user creates

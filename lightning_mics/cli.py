@@ -1,9 +1,12 @@
 """``lightning-mics`` console script.
 
-``lightning-mics consolidate CKPT OUT [--torch-out FILE] [--model-key KEY]`` writes the
-model of a checkpoint (sharded directory, full file, or a directory of checkpoints: the
-newest complete one) as one safetensors file that loads into the unsharded model with
-``load_state_dict(strict=True)``. Runs in one process, without a process group.
+``lightning-mics consolidate CKPT OUT [--torch-out FILE] [--model-key KEY]
+[--submodule NAME]`` writes the model of a checkpoint (sharded directory, full file, or
+a directory of checkpoints: the newest complete one) as one safetensors file that loads
+into the unsharded model with ``load_state_dict(strict=True)``. With ``--submodule
+model``, only the submodule ``model`` is written, under its own parameter names, so it
+loads into the bare network (e.g. a Hugging Face model a LightningModule holds as
+``self.model``). Runs in one process, without a process group.
 """
 
 from __future__ import annotations
@@ -30,10 +33,23 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="entry holding the model (default: the one recorded at save time)",
     )
+    consolidate.add_argument(
+        "--submodule",
+        "--prefix",
+        dest="submodule",
+        default=None,
+        metavar="NAME",
+        help="write only this submodule (dotted attribute path, e.g. 'model'), with its "
+        "prefix removed from the names, so it loads into the bare submodule",
+    )
     args = parser.parse_args(argv)
     try:
         state = consolidate_checkpoint(
-            args.checkpoint, args.out, torch_out=args.torch_out, model_key=args.model_key
+            args.checkpoint,
+            args.out,
+            torch_out=args.torch_out,
+            model_key=args.model_key,
+            submodule=args.submodule,
         )
     except (CheckpointError, FileNotFoundError) as exc:
         print(f"lightning-mics: error: {exc}", file=sys.stderr)

@@ -90,10 +90,14 @@ def test_slurm_requeue_writes_and_resumes_a_sharded_hpc_checkpoint(saved) -> Non
 
 def test_modelcheckpoint_writes_sharded_directories(saved) -> None:
     out, report = saved
-    assert report["sharded_dirs"] == ["step=3.ckpt", "step=6.ckpt"]
+    # last.ckpt (saved at step 3) was replaced at step 6, and nothing else is left.
+    assert report["sharded_dirs"] == ["last.ckpt", "step=3.ckpt", "step=6.ckpt"]
+    assert ckpt.load_meta(out / "sharded" / "last.ckpt")["global_step"] == 6
     marker = ckpt.verify_sharded(out / "sharded" / "step=3.ckpt")
     assert marker["partition_size"] == 4 and marker["world_size"] == 4
-    assert ckpt.load_full(out / "full" / "step3.ckpt")["global_step"] == 3
+    full = ckpt.load_full(out / "full" / "step3.ckpt")
+    assert full["global_step"] == 3 and ckpt.FULL_MARKER_KEY not in full
+    assert ckpt.checkpoint_kind(out / "full" / "step3.ckpt") == "full"
 
 
 def test_saving_mid_accumulation_window_warns(saved) -> None:
@@ -106,8 +110,9 @@ def test_resume_from_directory_picks_newest_complete(saved) -> None:
     out, report = saved
     result = report["resume_dir"]
     assert result["global_step"] == 6 and result["param_diff"] == 0.0
-    # the incomplete "step=9.ckpt" and the interrupted save are not candidates
-    assert ckpt.find_latest_checkpoint(out / "sharded") == out / "sharded" / "step=6.ckpt"
+    # the incomplete "step=9.ckpt" and the interrupted save are not candidates; last.ckpt
+    # was written after step=6.ckpt
+    assert ckpt.find_latest_checkpoint(out / "sharded") == out / "sharded" / "last.ckpt"
 
 
 # ------------------------------------------------------------------------- resharding
@@ -214,6 +219,105 @@ def test_consolidate_cli_reports_errors(tmp_path) -> None:
     assert main(["consolidate", str(tmp_path / "empty"), str(tmp_path / "x.safetensors")]) == 1
 
 
+@pytest.mark.parametrize(
+    ("source", "flag", "reference"),
+    [
+        ("sharded/step=6.ckpt", "--submodule=model", "final.pt"),
+        ("full/step3.ckpt", "--prefix=model.", "ref3.pt"),
+    ],
+)
+def test_consolidate_a_submodule_loads_into_the_bare_network(
+    saved, tmp_path, capsys, source: str, flag: str, reference: str
+) -> None:
+    """LitGPT holds its GPT as ``self.model``: the export loads into a bare GPT."""
+    from safetensors.torch import load_file
+
+    from lightning_mics.cli import main
+    from tests.scripts import ckpt_common as cc
+
+    out, _ = saved
+    export, torch_export = tmp_path / "gpt.safetensors", tmp_path / "gpt.pt"
+    args = [str(out / source), str(export), flag, "--torch-out", str(torch_export)]
+    assert main(["consolidate", *args]) == 0, capsys.readouterr().err
+    expected = torch.load(out / reference, weights_only=True)
+    expected = expected.get("model", expected)  # ref3.pt: {"model": ..., "optimizer": ...}
+    expected = {k.removeprefix("model."): v for k, v in expected.items()}
+    for state in (load_file(export), torch.load(torch_export, weights_only=True)):
+        gpt = cc.make_model(seed=4)
+        gpt.load_state_dict(state, strict=True)
+        assert cc.state_diff(dict(gpt.state_dict()), expected) == 0.0
+
+    assert main(["consolidate", str(out / source), str(export), "--submodule", "gpt"]) == 1
+    err = capsys.readouterr().err
+    assert "no submodule 'gpt'" in err and "'model'" in err
+
+
+# --------------------------------------------------------------------- discovery
+def _lightning_style_checkpoint(path: Path, payload: object = None) -> None:
+    """What Lightning's own strategies write (``torch.save`` of the checkpoint dict)."""
+    checkpoint = {
+        "state_dict": {"w": torch.zeros(2)},
+        "pytorch-lightning_version": "2.6.6",
+        "epoch": 0,
+        "global_step": 3,
+    }
+    if payload is not None:
+        checkpoint["hyper_parameters"] = {"object": payload}
+    torch.save(checkpoint, path)
+
+
+def test_only_checkpoints_count_as_the_newest_in_a_directory(tmp_path, caplog) -> None:
+    from tests.scripts import common
+
+    model = common.make_model(seed=0)
+    old = time.time() - 100
+    _lightning_style_checkpoint(tmp_path / "lightning.ckpt")
+    os.utime(tmp_path / "lightning.ckpt", (old, old))
+    assert ckpt.checkpoint_kind(tmp_path / "lightning.ckpt") == "lightning"
+    assert ckpt.find_latest_checkpoint(tmp_path) == tmp_path / "lightning.ckpt"
+
+    lightning_mics.save_checkpoint(tmp_path / "step-1", model)
+    lightning_mics.save_checkpoint(tmp_path / "step-2.pt", model, state_dict_type="full")
+    # Newer files that are no checkpoints: exports (also of a sharded checkpoint), plain
+    # state dicts, a torch file of anything else.
+    ckpt.consolidate_checkpoint(
+        tmp_path / "step-1", tmp_path / "export.safetensors", torch_out=tmp_path / "export.pt"
+    )
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "state.ckpt")
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    (tmp_path / "notes.ckpt").write_text("not a zip file")
+    kinds = {p.name: ckpt.checkpoint_kind(p) for p in tmp_path.iterdir()}
+    assert kinds == {
+        "lightning.ckpt": "lightning",
+        "step-1": "sharded",
+        "step-2.pt": "full",
+        "export.safetensors": None,
+        "export.pt": None,
+        "weights.pth": None,
+        "state.ckpt": None,
+        "list.ckpt": None,
+        "notes.ckpt": None,
+    }
+    assert ckpt.find_latest_checkpoint(tmp_path) == tmp_path / "step-2.pt"
+    with caplog.at_level("INFO", logger="lightning_mics.checkpoint"):
+        lightning_mics.load_checkpoint(tmp_path, common.make_model(seed=1))
+    assert f"newest complete checkpoint in {tmp_path}: step-2.pt" in caplog.text
+
+    (tmp_path / "step-2.pt").unlink()
+    assert ckpt.find_latest_checkpoint(tmp_path) == tmp_path / "step-1"
+
+
+def test_recognising_a_checkpoint_runs_no_pickled_code(tmp_path) -> None:
+    pwned = tmp_path / "pwned"
+    exploit = _Exploit()
+    exploit.marker = pwned
+    _lightning_style_checkpoint(tmp_path / "evil.ckpt", exploit)
+    assert ckpt.checkpoint_kind(tmp_path / "evil.ckpt") == "lightning"
+    assert ckpt.find_latest_checkpoint(tmp_path) == tmp_path / "evil.ckpt"
+    assert not pwned.exists()
+
+
 # -------------------------------------------------------------------- safety and damage
 class _Exploit:
     def __reduce__(self):
@@ -280,7 +384,7 @@ def test_truncated_or_corrupt_files_name_the_file(saved, tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------------- crashes
-def _launch_ranks(mode: str, world: int, workdir: Path, timeout: float) -> list[tuple]:
+def _launch_ranks(mode: str, world: int, workdir: Path, timeout: float, *args: str) -> list[tuple]:
     """One process per rank, no agent; returns (returncode, stderr) per rank."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -299,7 +403,7 @@ def _launch_ranks(mode: str, world: int, workdir: Path, timeout: float) -> list[
             "WORLD_SIZE": str(world),
         }
         cmd = [sys.executable, str(SCRIPTS / "ckpt_crash.py"), "--dir", str(workdir)]
-        cmd += ["--mode", mode, "--timeout", str(timeout)]
+        cmd += ["--mode", mode, "--timeout", str(timeout), *args]
         procs.append(
             subprocess.Popen(
                 cmd, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -363,3 +467,102 @@ def test_rank_killed_in_training_makes_the_others_exit(tmp_path) -> None:
                 s in err for s in ("Connection closed by peer", "Connection reset", "Timed out")
             ), err[-3000:]
     assert time.monotonic() - started < 200
+
+
+# Killed at each step of replacing "last.ckpt": (formats of the old and the new one,
+# step, the step whose state is then readable). A file replaces a file in one atomic
+# rename (no step between "written" and done); anything else goes through an aside.
+REPLACE_KILLS = [
+    ("full,full", "written", 1),  # new one complete under its temporary name
+    ("sharded,sharded", "set-aside", 1),  # old one renamed aside, name missing
+    ("sharded,sharded", "renamed-in", 2),  # new one in place, old one still aside
+    ("sharded,full", "set-aside", 1),  # a file replaces a directory
+]
+
+
+def _lightning_last(directory: Path) -> Path:
+    """What ``Trainer.fit(ckpt_path="last")`` loads (Lightning's own lookup)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    found = ModelCheckpoint(dirpath=directory)._find_last_checkpoints(None)
+    return Path(max(found, key=os.path.getmtime))
+
+
+def _model_from(path: Path):
+    from tests.scripts import common
+
+    model = common.make_model(seed=5)
+    lightning_mics.load_checkpoint(path, model)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize(("formats", "kill_at", "readable"), REPLACE_KILLS)
+def test_killed_while_replacing_a_checkpoint_leaves_the_old_or_the_new(
+    tmp_path, caplog, formats: str, kill_at: str, readable: int
+) -> None:
+    from tests.scripts import common
+
+    args = ("--victim", "0", "--kill-at", kill_at, "--formats", formats)
+    results = _launch_ranks("replace", 2, tmp_path, 10.0, *args)
+    assert results[0][0] == -9, results[0][1][-3000:]  # rank 0 died at that step
+    _failure_delays(results, tmp_path)  # and rank 1 failed instead of hanging
+    last, aside = tmp_path / "last.ckpt", tmp_path / "last.mics-old.ckpt"
+    assert last.exists() == (kill_at != "set-aside")
+    assert aside.exists() == (kill_at in ("set-aside", "renamed-in"))
+    new_one_unpublished = [p for p in tmp_path.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)]
+    assert bool(new_one_unpublished) == (kill_at in ("written", "set-aside"))
+    expected = torch.load(tmp_path / f"ref-{readable}.pt", weights_only=True)
+
+    # Every reader finds a complete checkpoint holding the old or the new state: by its
+    # name, as the newest in the directory, and through Lightning's ckpt_path="last".
+    with caplog.at_level("INFO", logger="lightning_mics.checkpoint"):
+        assert common.max_abs_diff(_model_from(last), expected) == 0.0
+    if kill_at == "set-aside":
+        assert "interrupted" in caplog.text and str(aside) in caplog.text
+    newest = ckpt.find_latest_checkpoint(tmp_path)  # ref-*.pt (plain state dicts) ignored
+    assert newest == (aside if kill_at == "set-aside" else last)
+    assert common.max_abs_diff(_model_from(tmp_path), expected) == 0.0
+    assert common.max_abs_diff(_model_from(_lightning_last(tmp_path)), expected) == 0.0
+
+    # The next save into the directory restores or removes what the crash left.
+    model = common.make_model(seed=6)
+    lightning_mics.save_checkpoint(tmp_path / "other.ckpt", model, state_dict_type="full")
+    entries = sorted(p.name for p in tmp_path.iterdir())
+    assert entries == ["last.ckpt", "other.ckpt", "ref-1.pt", "ref-2.pt", "victim-died"]
+    assert common.max_abs_diff(_model_from(last), expected) == 0.0
+    lightning_mics.save_checkpoint(last, model)  # replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == entries
+    assert common.max_abs_diff(_model_from(last), model.state_dict()) == 0.0
+
+
+# ------------------------------------------------------- optimizer without tensor state
+def test_optimizer_without_tensor_state_saves_and_loads(tmp_path) -> None:
+    """SGD without momentum keeps no tensor state: a full checkpoint of it used to fail
+    to load ("Expected device to be set")."""
+    report = run_script("ckpt_stateless_optim.py", 2, "--dir", tmp_path)
+    for kind in ("full", "sharded"):
+        for api in ("trainer", "fabric", "plain"):
+            result = report[kind][api]
+            assert result["model_diff"] == 0.0, (kind, api, result)
+            assert result["lr"] == 0.05, (kind, api, result)  # not the new optimizer's 0.5
+        assert report[kind]["trainer"]["global_step"] == 2
+        assert report[kind]["fabric"]["step"] == 1
+
+
+def test_optimizer_without_tensor_state_in_one_process(tmp_path) -> None:
+    from recipes.gpt import GPT
+    from tests.scripts import common
+
+    model = common.make_model(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randint(0, common.TINY.vocab_size, (2, common.SEQ_LEN))
+    GPT.loss(model(x), x).backward()
+    optimizer.step()
+    for kind in ("full", "sharded"):
+        path = tmp_path / kind
+        lightning_mics.save_checkpoint(path, model, optimizer, state_dict_type=kind)
+        loaded = common.make_model(seed=1)
+        loaded_optimizer = torch.optim.SGD(loaded.parameters(), lr=0.5)
+        assert lightning_mics.load_checkpoint(path, loaded, loaded_optimizer) == {}
+        assert common.max_abs_diff(loaded.state_dict(), model.state_dict()) == 0.0
+        assert loaded_optimizer.param_groups[0]["lr"] == 0.05

@@ -1,9 +1,14 @@
-"""A rank dies (SIGKILL): while a checkpoint is being written (``--mode save``) or in
-the middle of a training step (``--mode train``).
+"""A rank dies (SIGKILL): while a checkpoint is being written (``--mode save``), in
+the middle of a training step (``--mode train``), or while rank 0 publishes a checkpoint
+that replaces one of the same name (``--mode replace --kill-at STEP``, STEP one of the
+steps of ``lightning_mics.checkpoint._publish``: ``written``, ``set-aside``,
+``renamed-in``).
 
 Launched one process per rank without an agent (no torchrun, which would kill the other
 ranks itself), so the survivors must notice on their own. Before dying, the run saves a
-complete checkpoint ``step-1``; the interrupted one is ``step-2``.
+complete checkpoint ``step-1``; the interrupted one is ``step-2``. In ``replace`` mode
+both saves go to ``last.ckpt`` (formats ``--formats FIRST,SECOND``), and rank 0 writes
+the full model state of each step to ``ref-<step>.pt`` before saving it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import torch
 from lightning.fabric import Fabric
 
 from lightning_mics.fabric import MiCSStrategy
@@ -45,12 +51,25 @@ def die_while_writing() -> None:
     FileSystemWriter.write_data = write_then_die
 
 
+def die_at_publish_step(step: str) -> None:
+    """This rank (rank 0) is killed at the named step of publishing a checkpoint."""
+    from lightning_mics import checkpoint as ckpt
+
+    def hook(name: str) -> None:
+        if name == step:
+            die()
+
+    ckpt._on_publish_step = hook
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dir", required=True)
-    p.add_argument("--mode", choices=["save", "train"], required=True)
+    p.add_argument("--mode", choices=["save", "train", "replace"], required=True)
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--victim", type=int, default=1)
+    p.add_argument("--kill-at", default="set-aside", help="publish step (--mode replace)")
+    p.add_argument("--formats", default="sharded,sharded", help="first,second (replace)")
     args = p.parse_args()
     world = int(os.environ["WORLD_SIZE"])
     strategy = MiCSStrategy(
@@ -72,6 +91,7 @@ def main() -> None:
 
 def train(fabric, model, optimizer, loader, victim: bool, args) -> None:
     out = Path(args.dir)
+    formats = args.formats.split(",")
     for step, (x, y) in enumerate(loader, start=1):
         if step == 2 and args.mode == "train" and victim:
             die()
@@ -80,7 +100,16 @@ def train(fabric, model, optimizer, loader, victim: bool, args) -> None:
         optimizer.zero_grad()
         if step == 2 and args.mode == "save" and victim:
             die_while_writing()
-        fabric.save(out / f"step-{step}", {"model": model, "optimizer": optimizer})
+        name = f"step-{step}"
+        if args.mode == "replace":
+            name = "last.ckpt"
+            fabric.strategy.state_dict_type = formats[step - 1]
+            state = common.full_state(model)
+            if fabric.global_rank == 0:
+                torch.save(state, out / f"ref-{step}.pt")
+            if step == 2 and victim:
+                die_at_publish_step(args.kill_at)
+        fabric.save(out / name, {"model": model, "optimizer": optimizer})
         if step == 2:
             break
 

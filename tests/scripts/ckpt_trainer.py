@@ -1,8 +1,8 @@
 """Trainer checkpoints on 2 emulated nodes x 2 ranks, partition 4, under emulated Slurm.
 
 1. An uninterrupted run of 6 optimizer steps (accumulation 2, dropout, AdamW, StepLR)
-   saves sharded checkpoints with ModelCheckpoint at steps 3 and 6, a full-format one
-   and the reference states at step 3. Each rank sends itself the Slurm requeue signal
+   saves sharded checkpoints with ModelCheckpoint at steps 3 and 6 (and ``last.ckpt``,
+   which the step-6 save replaces), a full-format one and the reference states at step 3. Each rank sends itself the Slurm requeue signal
    (at different batches), so Lightning's ``hpc_ckpt_1.ckpt`` is written too.
 2. Resumes from the step-3 sharded, full and hpc checkpoints (the latter picked by
    Lightning itself, as after a Slurm requeue) reproduce steps 4-6.
@@ -121,7 +121,11 @@ def main() -> None:
     root = out / "root"
     ckpts = out / "sharded"
     mc = ModelCheckpoint(
-        dirpath=ckpts, filename="{step}", every_n_train_steps=cc.SAVE_AT, save_top_k=-1
+        dirpath=ckpts,
+        filename="{step}",
+        every_n_train_steps=cc.SAVE_AT,
+        save_top_k=-1,
+        save_last=True,
     )
     at_step = AtStep(out)
     trainer = make_trainer(root, args, callbacks=[at_step, mc], enable_checkpointing=True)
