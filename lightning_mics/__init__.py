@@ -17,6 +17,7 @@ from lightning_mics.checkpoint import (
 )
 from lightning_mics.config import AccumulationMode, MiCSConfig
 from lightning_mics.grad_sync import flush_pending_gradients, micro_step
+from lightning_mics.meta_init import MetaInitError
 from lightning_mics.optim import clip_grad_norm_
 from lightning_mics.runtime import destroy_meshes
 from lightning_mics.sharding import apply_mics, sync_replicas
@@ -28,6 +29,7 @@ __all__ = [
     "AccumulationMode",
     "CheckpointError",
     "CommStats",
+    "MetaInitError",
     "MiCSConfig",
     "MiCSTopology",
     "MiCSTopologyError",

@@ -44,7 +44,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+
+from lightning_mics._fsdp_internals import AllGather, ReduceScatter
 
 CommKind = Literal["all_gather", "reduce_scatter", "all_reduce"]
 KINDS: tuple[CommKind, ...] = ("all_gather", "reduce_scatter", "all_reduce")

@@ -358,7 +358,8 @@ def _reader(path: Path) -> Any:
 
 def _load_planner(allow_partial_load: bool = False) -> Any:
     from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint._traverse import set_element
+
+    from lightning_mics._fsdp_internals import set_element
 
     class SafeLoadPlanner(DefaultLoadPlanner):
         """Non-tensor values (learning rates, step counts, ...) load with

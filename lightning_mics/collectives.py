@@ -50,8 +50,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed import ReduceOp
-from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
+from lightning_mics._fsdp_internals import AllGather, ReduceScatter
 from lightning_mics.topology import HierarchicalGroups, MiCSTopology, new_hierarchical_groups
 
 # NOTE: `all_gather_into_tensor` / `reduce_scatter_tensor` are deprecated in favour of the

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -94,6 +94,19 @@ class MiCSConfig:
             :class:`~lightning_mics.accounting.CommStats`, read with
             :func:`~lightning_mics.accounting.comm_stats`. A few Python operations per
             collective.
+        init_fn: initialiser of a model created on the meta device (e.g. with
+            ``trainer.init_module(empty_init=True)``): ``init_fn(module)`` is called for
+            every module that holds a meta tensor, children before parents (like
+            ``model.apply(init_fn)``), under ``torch.no_grad()``, after MiCS has allocated
+            each rank's shards and after the built-in initialisers (each module's
+            ``reset_parameters()``, then the model's own Hugging Face style
+            ``_init_weights(module)`` or torchtitan style ``init_weights()``), so it wins
+            over them. It must write tensors in place (``copy_``, ``fill_``,
+            ``nn.init.*_``); parameters are sharded ``DTensor``s (whole-tensor in-place ops
+            work as on plain tensors). To initialise once from the root, test
+            ``module is model``. MiCS raises a ``MetaInitError`` naming any meta tensor no
+            initialiser wrote (see :mod:`lightning_mics.meta_init`). Not used for models
+            created with values.
     """
 
     partition_size: PartitionSize = "node"
@@ -108,6 +121,7 @@ class MiCSConfig:
     sync_replicas: bool = True
     comm_stats: bool = True
     hierarchical: bool | Literal["auto"] = "auto"
+    init_fn: Callable[[nn.Module], Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.partition_size != "node" and (
@@ -153,6 +167,10 @@ class MiCSConfig:
         if not isinstance(rafw, bool) and (not isinstance(rafw, int) or rafw < 1):
             raise ValueError(
                 f"reshard_after_forward must be a bool or a positive int, got {rafw!r}."
+            )
+        if self.init_fn is not None and not callable(self.init_fn):
+            raise ValueError(
+                f"init_fn must be a callable (module) -> None or None, got {self.init_fn!r}."
             )
         if isinstance(self.wrap_policy, type):
             self.wrap_policy = (self.wrap_policy,)

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
 
+from lightning_mics import _fsdp_internals as fsdp
 from lightning_mics.config import AccumulationMode
 
 
@@ -58,24 +58,12 @@ def micro_step(
             root.set_requires_gradient_sync(True)
 
 
-def _param_groups(model: nn.Module):
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            yield from module._get_fsdp_state()._fsdp_param_groups
-
-
 def has_pending_gradients(model: nn.Module) -> bool:
     """Whether micro-steps left gradients that no synchronising backward has consumed."""
-    for group in _param_groups(model):
-        if group._partial_reduce_output is not None:
-            return True
-        for fsdp_param in group.fsdp_params:
-            if fsdp_param.unsharded_accumulated_grad is not None:
-                return True
-            unsharded = getattr(fsdp_param, "_unsharded_param", None)
-            if unsharded is not None and unsharded.grad is not None:
-                return True
-    return False
+    return any(
+        fsdp.has_partial_reduce_output(group) or fsdp.has_unsharded_grads(group)
+        for group in fsdp.param_groups(model)
+    )
 
 
 @torch.no_grad()
@@ -97,31 +85,22 @@ def flush_pending_gradients(model: nn.Module) -> bool:
         return False
     root.set_requires_gradient_sync(True)
     root.set_requires_all_reduce(True)
-    for group in _param_groups(model):
+    for group in fsdp.param_groups(model):
         # NOTE: with only a parked partial sum (two_hop) there are no unsharded grads,
         # and FSDP's post-backward would return early. Feeding it zero gradients makes
         # its own reduction path add the partial sum, all-reduce it across replicas and
         # divide as usual, so the result matches a normal last micro-step exactly.
-        feed_zeros = group._partial_reduce_output is not None and not _has_unsharded_grads(group)
-        group.reduce_scatter_unused_params = feed_zeros
+        # The user's own setting (`set_reduce_scatter_unused_params`) is restored after.
+        user_setting = fsdp.reduce_scatter_unused_params(group)
+        feed_zeros = fsdp.has_partial_reduce_output(group) and not fsdp.has_unsharded_grads(group)
+        fsdp.set_reduce_scatter_unused_params(group, user_setting or feed_zeros)
         try:
-            group.post_backward()
+            fsdp.run_post_backward(group)
         finally:
-            group.reduce_scatter_unused_params = False
-            group._training_state = TrainingState.IDLE
-    for group in _param_groups(model):
-        group.finalize_backward()
+            fsdp.set_reduce_scatter_unused_params(group, user_setting)
+    for group in fsdp.param_groups(model):
+        fsdp.finalize_backward(group)
     return True
-
-
-def _has_unsharded_grads(group) -> bool:
-    for fsdp_param in group.fsdp_params:
-        if fsdp_param.unsharded_accumulated_grad is not None:
-            return True
-        unsharded = getattr(fsdp_param, "_unsharded_param", None)
-        if unsharded is not None and unsharded.grad is not None:
-            return True
-    return False
 
 
 def discard_pending_gradients(model: nn.Module) -> None:

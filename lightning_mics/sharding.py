@@ -17,6 +17,7 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
+from lightning_mics import _fsdp_internals
 from lightning_mics.accounting import CommStats, install_comm_stats, node_map_for_mesh
 from lightning_mics.collectives import (
     HierarchicalAllGather,
@@ -24,6 +25,7 @@ from lightning_mics.collectives import (
     hierarchical_comms,
 )
 from lightning_mics.config import MiCSConfig, WrapPolicy
+from lightning_mics.meta_init import MetaInitError, materialize_meta_module, post_order
 from lightning_mics.topology import (
     REPLICATE_DIM,
     MiCSTopology,
@@ -59,8 +61,15 @@ def apply_mics(
     every FSDP module all-gathers and reduce-scatters in an inter- and an intra-node
     stage (:mod:`lightning_mics.collectives`).
 
-    A model created on the meta device is materialised on ``device`` after sharding, by
-    calling each module's ``reset_parameters()``.
+    Modules are sharded bottom-up (a selected module's selected descendants first), as
+    FSDP2 requires for nested units (e.g. a block holding a ``ModuleList`` of experts).
+
+    A model created on the meta device is materialised on ``device`` after sharding (each
+    rank allocates only its shards) and initialised by each module's
+    ``reset_parameters()``, the model's own ``_init_weights(module)`` /
+    ``init_weights()``, and ``config.init_fn``; a meta tensor that none of them wrote
+    raises a :class:`~lightning_mics.meta_init.MetaInitError` on every rank (see
+    :mod:`lightning_mics.meta_init`).
     """
     config = config or MiCSConfig()
     if isinstance(model, FSDPModule):
@@ -92,9 +101,12 @@ def apply_mics(
         else OffloadPolicy()
     )
     should_wrap = _wrap_predicate(config.wrap_policy, model)
-    blocks = [m for m in model.modules() if m is not model and should_wrap(m)]
+    # NOTE: post-order (children before parents): `fully_shard` on a parent takes every
+    # parameter below it that no unit owns yet, so a child sharded after its parent would
+    # be sharded twice and crash at the first forward.
+    blocks = [m for m in post_order(model) if m is not model and should_wrap(m)]
     if config.activation_checkpointing:
-        apply_activation_checkpointing(blocks)
+        apply_activation_checkpointing(_outermost(model, blocks))
     common = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
     for block in blocks:
         fully_shard(block, reshard_after_forward=config.reshard_after_forward, **common)
@@ -119,7 +131,13 @@ def apply_mics(
                 module.set_custom_reduce_scatter(reduce_scatter)
 
     if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
-        materialize_meta_module(model, device)
+        materialize_meta_module(
+            model,
+            device,
+            config.init_fn,
+            group=_flat_group(mesh),
+            param_device=torch.device("cpu") if config.cpu_offload else device,
+        )
     if config.sync_replicas:
         sync_replicas(model, mesh)
     return model
@@ -215,12 +233,22 @@ def _wrap_predicate(policy: WrapPolicy, model: nn.Module) -> Callable[[nn.Module
     return lambda module: isinstance(module, classes)
 
 
-def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:
-    """Recompute each block's activations in backward (composable, keeps FQNs intact)."""
-    from torch.distributed._composable import checkpoint
-
+def _outermost(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+    """The blocks that no other block contains (in ``model``'s module order)."""
+    selected = {id(b) for b in blocks}
+    inner: set[int] = set()
     for block in blocks:
-        checkpoint(block)
+        inner.update(id(m) for m in block.modules() if m is not block and id(m) in selected)
+    return [m for m in model.modules() if id(m) in selected and id(m) not in inner]
+
+
+def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:
+    """Recompute each block's activations in backward (composable, keeps FQNs intact).
+
+    Pass blocks that do not contain one another: a nested block would be recomputed twice.
+    """
+    for block in blocks:
+        _fsdp_internals.checkpoint_module(block)
 
 
 def _use_sum_reductions_if_needed(model: nn.Module, mesh: DeviceMesh) -> None:
@@ -231,22 +259,6 @@ def _use_sum_reductions_if_needed(model: nn.Module, mesh: DeviceMesh) -> None:
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_force_sum_reduction_for_comms(True)
-
-
-def materialize_meta_module(model: nn.Module, device: torch.device) -> None:
-    """Allocate meta parameters/buffers on ``device`` and initialise them.
-
-    Every module that defines ``reset_parameters()`` is re-initialised; call this only
-    after ``fully_shard`` so that each rank allocates just its shard.
-    """
-    model.to_empty(device=device)
-    with torch.no_grad():
-        # NOTE: children before parents, so that a parent's own init scheme (e.g. GPT-2's
-        # scaled init in the model's reset_parameters) wins over its children's defaults.
-        for module in reversed(list(model.modules())):
-            reset = getattr(module, "reset_parameters", None)
-            if callable(reset):
-                reset()
 
 
 @torch.no_grad()
@@ -269,9 +281,7 @@ def sync_replicas(model: nn.Module, mesh: DeviceMesh) -> None:
 
 
 def _flat_group(mesh: DeviceMesh) -> dist.ProcessGroup:
-    if mesh.ndim == 1:
-        return mesh.get_group()
-    return mesh._flatten().get_group()
+    return _fsdp_internals.flat_group(mesh)
 
 
 def _broadcast_inplace(tensor: torch.Tensor, group: dist.ProcessGroup) -> None:
@@ -288,3 +298,12 @@ def _comm_device(group: dist.ProcessGroup) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+__all__ = [
+    "MetaInitError",
+    "apply_activation_checkpointing",
+    "apply_mics",
+    "materialize_meta_module",
+    "sync_replicas",
+]

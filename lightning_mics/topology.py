@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from lightning_mics import _fsdp_internals as _internals
+
 PartitionSize = int | Literal["node"]
 
 #: Environment variable that overrides a rank's node identity (default: its hostname).
@@ -224,12 +226,9 @@ def default_group_timeout(device: torch.device) -> timedelta | None:
     NOTE: ``dist.new_group`` and ``init_device_mesh`` default to the backend's global
     timeout (30 minutes for gloo), not the default group's: MiCS's own groups pass this
     one on, so that a hung rank fails every collective within the configured timeout.
+    Read through c10d internals (see :mod:`lightning_mics._fsdp_internals`).
     """
-    try:
-        backend = dist.group.WORLD._get_backend(device)
-        return backend.options._timeout
-    except (AttributeError, RuntimeError):
-        return None
+    return _internals.default_group_timeout(device)
 
 
 def _default_comm_device() -> torch.device:
@@ -243,14 +242,8 @@ def _backend_options(device: torch.device) -> tuple[str, Any] | None:
     if timeout is None:
         return None
     backend = dist.get_backend()
-    if backend == "gloo":
-        options = dist.ProcessGroupGloo._Options()
-    elif backend == "nccl" and dist.is_nccl_available():
-        options = dist.ProcessGroupNCCL.Options()
-    else:
-        return None
-    options._timeout = timeout
-    return backend, options
+    options = _internals.backend_options(backend, timeout)
+    return None if options is None else (backend, options)
 
 
 def build_device_mesh(topology: MiCSTopology, device: torch.device) -> DeviceMesh:

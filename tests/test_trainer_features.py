@@ -41,10 +41,18 @@ def test_logging_with_sync_dist_averages_over_ranks(report: dict) -> None:
 
 def test_fit_validate_test_predict(report: dict) -> None:
     assert report["fit"]["global_step"] == 4
-    assert report["checkpoint_written"]
     assert report["predictions"] == [[4, 2]]  # 16 samples / 4 ranks, batch size 4
     assert report["predict_rows"] == 4
     assert report["predict_diff"] < 1e-6  # equals the unsharded model's output
+
+
+def test_checkpoint_holds_the_trained_state(report: dict) -> None:
+    """The checkpoint that fit wrote, read back, is the trained model, bit for bit."""
+    ckpt = report["checkpoint"]
+    assert ckpt["names"] == ["epoch=0-step=4.ckpt"], ckpt  # written at the end of fit
+    assert ckpt["keys_equal"] and ckpt["num_tensors"] == 6, ckpt  # 3 Linear layers
+    assert ckpt["bitwise_equal"] and ckpt["max_abs_diff"] == 0.0, ckpt
+    assert ckpt["global_step"] == ckpt["trained_global_step"] == 4, ckpt
 
 
 def test_meta_device_init_is_materialised(report: dict) -> None:

@@ -94,8 +94,6 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
 
     # --------------------------------------------------------------------- model
     def setup_module(self, module: nn.Module) -> nn.Module:
-        if not any(t.is_meta for t in module.parameters()):
-            module.to(self.root_device)
         module = self.mics.shard(module, self.root_device)
         self.mics.reshard(module)  # a reused module: optimizers need the shards
         if module not in self._modules:

@@ -17,7 +17,6 @@ Two emulated layouts: ``n2k4p8`` = 2 nodes x 4 ranks, partition 8 (1 replica), a
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import torch
@@ -302,18 +301,13 @@ def check_errors(world: int) -> dict[str, str]:
 def main() -> None:
     args = common.parser().parse_args()
     world = dist.get_world_size()
-    results: dict[str, Any] = {"world": world, "seconds": {}}
+    results: dict[str, Any] = {"world": world}
     for name, (k, p) in LAYOUTS.items():
         topology = MiCSTopology.create(world, k, p)
-        t0 = time.perf_counter()
         results.setdefault("unit", {})[name] = all_ranks(check_comms(topology))
-        t1 = time.perf_counter()
         results.setdefault("train", {})[name] = check_training(topology)
-        results["seconds"][name] = {"unit": t1 - t0, "train": time.perf_counter() - t1}
-    t0 = time.perf_counter()
     results["rafw"] = check_rafw(MiCSTopology.create(world, 4, 8))
     results["errors"] = check_errors(world)
-    results["seconds"]["rafw_errors"] = time.perf_counter() - t0
     common.report(args.out, **results)
     common.finish()
 

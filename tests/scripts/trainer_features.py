@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_mics  # registers "mics"
+from lightning_mics import checkpoint as ckpt
 from recipes.gpt import GPT
 from tests.scripts import common
 
@@ -132,6 +133,34 @@ class FailingConfigureModel(BoringModel):
         raise RuntimeError("configure_model failed on purpose")
 
 
+def checkpoint_report(
+    root: Path, trained: dict[str, torch.Tensor], global_step: int
+) -> dict[str, object]:
+    """Rank 0 reads back the checkpoints that fit wrote under ``root`` (in this process
+    only) and compares them with the trained model's unsharded state."""
+    ckpts = sorted(root.rglob("*.ckpt"))
+    report: dict[str, object] = {"names": [c.name for c in ckpts]}
+    if int(os.environ["RANK"]) != 0 or len(ckpts) != 1:
+        return report
+    saved = ckpt.consolidated_model_state(ckpts[0])
+    report.update(
+        keys_equal=sorted(saved) == sorted(trained),
+        num_tensors=len(saved),
+        bitwise_equal=all(
+            k in trained and v.dtype == trained[k].dtype and torch.equal(v, trained[k])
+            for k, v in saved.items()
+        ),
+        max_abs_diff=max(
+            (saved[k].float() - trained[k].float()).abs().max().item()
+            for k in saved
+            if k in trained
+        ),
+        global_step=ckpt.load_meta(ckpts[0]).get("global_step"),
+        trained_global_step=global_step,
+    )
+    return report
+
+
 def trainer(**kwargs) -> Trainer:
     defaults = dict(
         accelerator="cpu",
@@ -161,8 +190,8 @@ def main() -> None:
     out["fit"] = {k: v for k, v in model.seen.items()}
     out["fit"]["train_rank"] = t.callback_metrics["train_rank"].item()
     out["fit"]["global_step"] = t.global_step
-    ckpts = sorted((Path.cwd() / "boring").rglob("*.ckpt"))
-    out["checkpoint_written"] = bool(ckpts)
+    trained = {k: v.full_tensor() for k, v in model.state_dict().items()}  # collective
+    out["checkpoint"] = checkpoint_report(Path.cwd() / "boring", trained, t.global_step)
     out["validate"] = t.validate(model, data)[0]
     out["test"] = t.test(model, data)[0]
     predictions = t.predict(model, DataLoader(RandomDataset(length=16), batch_size=4))
