@@ -1,4 +1,5 @@
 # lightning-mics: `make train` runs the main example, `make test` lint + the whole suite.
+# `make train ARGS="strategy.partition_size=4"` passes Hydra overrides (see conf/).
 # Both create .venv on a fresh machine.
 PYTHON ?= python3
 # The torch build to install. PyPI's torch==2.13.0 for Linux x86_64 is a CUDA build
@@ -23,8 +24,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# A small GPT trained with MiCS on 4 CPU processes emulating 2 nodes x 2 ranks, on the
+# Python standard library's sources (conf/experiment/laptop_gpt.yaml).
+ARGS ?=
 train: $(STAMP)
-	$(BIN)/python -m recipes.train_example
+	$(BIN)/python -m recipes.train experiment=laptop_gpt $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

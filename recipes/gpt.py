@@ -23,6 +23,8 @@ class GPTConfig:
     n_embd: int = 64
     dropout: float = 0.0
     bias: bool = True
+    # Share the token embedding with the output projection (GPT-2/GPT-3 do).
+    tie_weights: bool = False
 
 
 class CausalSelfAttention(nn.Module):
@@ -81,13 +83,19 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             )
         )
-        # NOTE: no weight tying between wte and lm_head: tied parameters would be one
-        # FSDP parameter used by two units, which complicates sharding for no gain here.
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            # NOTE: both uses of the shared weight live outside the blocks, so under MiCS/FSDP
+            # they belong to the same (root) unit and the weight is sharded once.
+            self.lm_head.weight = self.transformer.wte.weight
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 init; also used to materialise a meta-device model after sharding."""
+        """GPT-2 init; also used to materialise a meta-device model after sharding.
+
+        Covers every parameter (a tied weight is listed, and initialised, once); the model
+        has no buffers.
+        """
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 nn.init.zeros_(p) if not name.endswith("weight") else nn.init.ones_(p)
