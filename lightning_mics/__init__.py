@@ -19,9 +19,9 @@ from lightning_mics.config import AccumulationMode, MiCSConfig
 from lightning_mics.grad_sync import flush_pending_gradients, micro_step
 from lightning_mics.meta_init import MetaInitError
 from lightning_mics.optim import clip_grad_norm_
-from lightning_mics.runtime import destroy_meshes
+from lightning_mics.process_groups import build_device_mesh, destroy_meshes
 from lightning_mics.sharding import apply_mics, sync_replicas
-from lightning_mics.topology import MiCSTopology, MiCSTopologyError, build_device_mesh
+from lightning_mics.topology import MiCSTopology, MiCSTopologyError
 
 __version__ = "0.1.0"
 

@@ -20,7 +20,8 @@ everything MiCS needs. The rest is reached through this module only:
   meta-device model is materialised;
 - ``nn.Module._non_persistent_buffers_set`` (to say which buffers a checkpoint cannot
   restore);
-- ``torch.distributed.checkpoint._traverse.set_element`` (used by ``checkpoint.py``).
+- ``torch.distributed.checkpoint._traverse.set_element`` (used by the checkpoint
+  package's safe load planner, ``checkpoint/safe_loading.py``).
 
 NOTE: tested with torch 2.13 only. ``pyproject.toml`` allows ``>=2.13,<2.15`` (2.14 is
 assumed compatible, not tested). At import, :func:`check_torch_internals` verifies that
@@ -108,7 +109,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("torch.utils._python_dispatch", "TorchDispatchMode"),
     Requirement("torch._ops:OpOverload", "_schema", "instance"),
     Requirement("torch.nn:Module", "_non_persistent_buffers_set", "instance"),
-    # checkpoint.py
+    # checkpoint/safe_loading.py
     Requirement("torch.distributed.checkpoint._traverse", "set_element"),
 )
 

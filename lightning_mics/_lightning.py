@@ -1,4 +1,5 @@
-"""What the Trainer and Fabric adapters share: process set-up, collectives, registration.
+"""What the Trainer and Fabric adapters share: options, process set-up, collectives,
+checkpoint settings, registration.
 
 Lightning's Trainer and Fabric each have their own ``ParallelStrategy`` base class with
 the same hooks; this mixin goes first in both adapters' bases so that neither repeats it.
@@ -6,19 +7,27 @@ the same hooks; this mixin goes first in both adapters' bases so that neither re
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
     _init_dist_connection,
+    _sync_ddp_if_available,
 )
 from lightning.fabric.utilities.distributed import group as _group
 from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
+from lightning_mics.checkpoint import StateDictType, validate_state_dict_type
+from lightning_mics.config import MiCSConfig
 from lightning_mics.runtime import MiCSRuntime
+
+#: Arguments that both frameworks' strategy classes take (besides the precision plugin).
+_STRATEGY_ARGS = ("accelerator", "parallel_devices", "cluster_environment", "checkpoint_io")
 
 _SUPPORTED_PRECISION = (
     '"32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true" or "64-true" (or MiCS\'s '
@@ -76,6 +85,32 @@ class MiCSParallelMixin:
     mics: MiCSRuntime
     #: the package's subprocess launcher class, set by each adapter
     _launcher_cls: Any
+    #: the name of the precision plugin argument of the framework's own strategy class
+    _precision_arg: str
+
+    def __init__(
+        self,
+        config: MiCSConfig | None = None,
+        *,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        state_dict_type: StateDictType = "sharded",
+        **options: Any,
+    ) -> None:
+        """``options`` are :class:`~lightning_mics.MiCSConfig` fields (``partition_size``,
+        ``accumulation``, ``param_dtype``, ...), or pass a ready ``config``; and the
+        arguments of Lightning's own strategies (``accelerator``, ``parallel_devices``,
+        ``cluster_environment``, ``checkpoint_io``, and the precision plugin:
+        ``precision_plugin`` for the Trainer, ``precision`` for Fabric).
+        ``state_dict_type``: ``"sharded"`` (default) or ``"full"`` checkpoints."""
+        names = (*_STRATEGY_ARGS, self._precision_arg)
+        super().__init__(**{name: options.pop(name) for name in names if name in options})
+        if config is not None and options:
+            raise TypeError("Pass either a MiCSConfig or MiCS options as keywords, not both.")
+        self.mics = MiCSRuntime(config or MiCSConfig(**options))
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self.state_dict_type = state_dict_type
 
     @property
     def is_distributed(self) -> bool:
@@ -134,6 +169,7 @@ class MiCSParallelMixin:
         self.mics.setup(self.root_device)
         rank_zero_info(self.mics.topology.describe())
 
+    # ---------------------------------------------------------------- collectives
     def barrier(self, *args: Any, **kwargs: Any) -> None:
         if not _distributed_is_initialized():
             return
@@ -149,6 +185,40 @@ class MiCSParallelMixin:
         torch.distributed.broadcast_object_list(objs, src, group=_group.WORLD)
         return objs[0]
 
+    @staticmethod
+    def _all_reduce(tensor: Any, group: Any | None, reduce_op: Any) -> Any:
+        """Lightning's all-reduce of a tensor over the world (``reduce_op``: ``"mean"``,
+        ``"sum"``, ...); anything else is returned as it is."""
+        if isinstance(tensor, torch.Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    # ---------------------------------------------------------------- checkpoints
+    @property
+    def state_dict_type(self) -> StateDictType:
+        """``"sharded"``: checkpoints are distributed-checkpoint directories (each shard
+        written once); ``"full"``: one file with unsharded state dicts, written by rank 0."""
+        return self._state_dict_type
+
+    @state_dict_type.setter
+    def state_dict_type(self, value: StateDictType) -> None:
+        self._state_dict_type = validate_state_dict_type(value)
+
+    @property
+    def _full(self) -> bool:
+        return self._state_dict_type == "full"
+
+    def _checkpoint_path(self, path: Any, storage_options: Any | None) -> str:
+        """Collective: rank 0's checkpoint path, on every rank."""
+        if storage_options is not None:
+            raise TypeError("MiCSStrategy writes checkpoints itself and takes no storage_options.")
+        return self.broadcast(str(path))
+
+    def _checkpoint_info(self) -> dict[str, Any]:
+        """What a checkpoint's marker records about the layout it was saved under."""
+        return self.mics.topology.sizes()
+
+    # --------------------------------------------------------------- registration
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
         if cls.strategy_name not in strategy_registry:

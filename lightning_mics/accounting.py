@@ -18,7 +18,8 @@ all-reduce, NCCL rings move ``(n-1)/n`` of the buffer per rank, ...).
 Mechanism: :func:`install_comm_stats` gives every FSDP module a recording
 all-gather / reduce-scatter (:meth:`FSDPModule.set_custom_all_gather` and
 ``set_custom_reduce_scatter``; they are not recursive) that issue exactly FSDP's default
-flat collectives, and, on a 2-D mesh, an all-reduce hook that only *observes* the tensor
+flat collectives (`~lightning_mics.collectives.RecordingAllGather` /
+``RecordingReduceScatter``), and, on a 2-D mesh, an all-reduce hook that only *observes* the tensor
 FSDP has just all-reduced (``set_all_reduce_hook``; with native HSDP it runs after
 FSDP's own all-reduce and changes nothing). :func:`apply_mics` installs it unless
 ``MiCSConfig(comm_stats=False)``; :func:`comm_stats` finds the recorder of a model.
@@ -45,7 +46,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from lightning_mics._fsdp_internals import AllGather, ReduceScatter
+from lightning_mics.collectives import RecordingAllGather, RecordingReduceScatter, install_comms
+from lightning_mics.topology import MiCSTopology
 
 CommKind = Literal["all_gather", "reduce_scatter", "all_reduce"]
 KINDS: tuple[CommKind, ...] = ("all_gather", "reduce_scatter", "all_reduce")
@@ -54,16 +56,9 @@ KINDS: tuple[CommKind, ...] = ("all_gather", "reduce_scatter", "all_reduce")
 #: model's (one, shared) recorder.
 STATS_ATTR = "_mics_comm_stats"
 
-_MB = 1_000_000  # decimal megabytes, as labelled
-
-# NOTE: `all_gather_into_tensor` is deprecated in favour of `all_gather_single` (which is
-# what FSDP's `DefaultAllGather` calls); fall back on torch versions without the new name.
-_all_gather_single_name = (
-    "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
-)
-_reduce_scatter_single_name = (
-    "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
-)
+#: Decimal megabytes, as the summaries and ``CommStatsMonitor``'s ``inter_node_MB`` label
+#: them.
+MB = 1_000_000
 
 
 class CommStats:
@@ -87,6 +82,11 @@ class CommStats:
     def for_ranks_per_node(cls, world_size: int, ranks_per_node: int) -> CommStats:
         """Node-major layout: rank ``r`` is on node ``r // ranks_per_node``."""
         return cls([r // ranks_per_node for r in range(world_size)])
+
+    @classmethod
+    def for_topology(cls, topology: MiCSTopology) -> CommStats:
+        """The nodes of ``topology``'s ranks."""
+        return cls.for_ranks_per_node(topology.world_size, topology.ranks_per_node)
 
     # ------------------------------------------------------------------- recording
     def crosses_nodes(self, group: dist.ProcessGroup | None) -> bool:
@@ -184,12 +184,12 @@ def format_summary(snapshot: Mapping[str, float], title: str = "per optimizer st
     for kind in KINDS:
         lines.append(
             f"  {kind.replace('_', '-'):<15}{snapshot[f'{kind}_count']:>8.1f} calls"
-            f"{snapshot[f'{kind}_bytes'] / _MB:>10.2f} MB"
-            f"  (inter-node {snapshot[f'{kind}_inter_node_bytes'] / _MB:.2f} MB)"
+            f"{snapshot[f'{kind}_bytes'] / MB:>10.2f} MB"
+            f"  (inter-node {snapshot[f'{kind}_inter_node_bytes'] / MB:.2f} MB)"
         )
     lines.append(
-        f"  inter-node {snapshot['inter_node_bytes'] / _MB:.2f} MB, "
-        f"intra-node {snapshot['intra_node_bytes'] / _MB:.2f} MB"
+        f"  inter-node {snapshot['inter_node_bytes'] / MB:.2f} MB, "
+        f"intra-node {snapshot['intra_node_bytes'] / MB:.2f} MB"
     )
     return "\n".join(lines)
 
@@ -204,84 +204,6 @@ def mean_snapshot(snapshots: Sequence[Mapping[str, float]]) -> dict[str, float]:
 # ------------------------------------------------------------------- FSDP2 comm objects
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def _attach(inner: Any, stats: CommStats) -> bool:
-    """Let an inner comm that issues several collectives per call (the hierarchical ones
-    of `lightning_mics.collectives`, which define ``attach_stats``) record each of them
-    itself, with its own bytes and reach; returns whether it does."""
-    attach = getattr(inner, "attach_stats", None)
-    if attach is None:
-        return False
-    attach(stats)
-    return True
-
-
-class _Recording:
-    """Shared part of the recording comms: the recorder, the optional inner comm (which
-    records its own stages when it has ``attach_stats``) and its allocator."""
-
-    def __init__(self, stats: CommStats, inner: AllGather | ReduceScatter | None = None) -> None:
-        self.stats = stats
-        self.inner = inner
-        self._inner_records = _attach(inner, stats)
-
-    def allocate(
-        self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        if self.inner is not None:
-            return self.inner.allocate(size, dtype=dtype, device=device)
-        return torch.empty(*size, dtype=dtype, device=device)
-
-
-class RecordingAllGather(_Recording, AllGather):
-    """FSDP's flat all-gather, recorded.
-
-    Issues the collective FSDP's ``DefaultAllGather`` does (``dist.all_gather_single``
-    with the same ``async_op``), or delegates to ``inner`` when given (e.g. a
-    hierarchical all-gather), and returns its result unchanged. Records the output
-    buffer's bytes over the group FSDP passes, which is the smaller post-forward group
-    when ``reshard_after_forward`` is an int. An ``inner`` with ``attach_stats`` (the
-    hierarchical comms) records its own stages instead: one entry per sub-collective,
-    each with its own output buffer's bytes over its own (intra- or inter-node) group.
-    """
-
-    def __call__(
-        self,
-        output_tensor: torch.Tensor,
-        input_tensor: torch.Tensor,
-        group: dist.ProcessGroup,
-        async_op: bool = False,
-    ) -> dist.Work | None:
-        if not self._inner_records:
-            self.stats.record("all_gather", _nbytes(output_tensor), group)
-        if self.inner is not None:
-            return self.inner(output_tensor, input_tensor, group, async_op)
-        return getattr(dist, _all_gather_single_name)(
-            output_tensor, input_tensor, group=group, async_op=async_op
-        )
-
-
-class RecordingReduceScatter(_Recording, ReduceScatter):
-    """FSDP's flat reduce-scatter (``dist.reduce_scatter_single``), recorded by its
-    input buffer's bytes; delegates to ``inner`` when given (which records its own
-    stages, by their input buffers, when it has ``attach_stats``)."""
-
-    def __call__(
-        self,
-        output_tensor: torch.Tensor,
-        input_tensor: torch.Tensor,
-        group: dist.ProcessGroup,
-        op: Any,
-        async_op: bool = False,
-    ) -> dist.Work | None:
-        if not self._inner_records:
-            self.stats.record("reduce_scatter", _nbytes(input_tensor), group)
-        if self.inner is not None:
-            return self.inner(output_tensor, input_tensor, group, op, async_op)
-        return getattr(dist, _reduce_scatter_single_name)(
-            output_tensor, input_tensor, op=op, group=group, async_op=async_op
-        )
 
 
 class AllReduceObserver:
@@ -308,28 +230,27 @@ def install_comm_stats(
     stats: CommStats,
     all_reduce_group: dist.ProcessGroup | None,
     *,
-    all_gather: AllGather | None = None,
-    reduce_scatter: ReduceScatter | None = None,
+    all_gather: RecordingAllGather | None = None,
+    reduce_scatter: RecordingReduceScatter | None = None,
 ) -> CommStats:
     """Record the collectives of every FSDP module in ``model`` into ``stats``.
 
     ``all_reduce_group`` is the replication group of a 2-D mesh (``None`` on a 1-D mesh,
     where FSDP issues no all-reduce). ``all_gather`` / ``reduce_scatter`` are the comms
-    to run (e.g. the hierarchical ones); ``None`` runs FSDP's flat collectives. Returns
-    ``stats``.
+    to run (e.g. the hierarchical ones, which record each of their stages); ``None``
+    runs FSDP's flat collectives, recorded. Returns ``stats``.
     """
-    all_gather = RecordingAllGather(stats, all_gather)
-    reduce_scatter = RecordingReduceScatter(stats, reduce_scatter)
+    all_gather = all_gather or RecordingAllGather()
+    reduce_scatter = reduce_scatter or RecordingReduceScatter()
+    all_gather.attach_stats(stats)
+    reduce_scatter.attach_stats(stats)
+    install_comms(model, all_gather, reduce_scatter)
     observer = AllReduceObserver(stats, all_reduce_group) if all_reduce_group else None
     for module in model.modules():
-        if not isinstance(module, FSDPModule):
-            continue
-        # NOTE: the setters act on this module's own parameter group only.
-        module.set_custom_all_gather(all_gather)
-        module.set_custom_reduce_scatter(reduce_scatter)
-        if observer is not None:
-            module.set_all_reduce_hook(observer)
-        setattr(module, STATS_ATTR, stats)
+        if isinstance(module, FSDPModule):
+            if observer is not None:
+                module.set_all_reduce_hook(observer)
+            setattr(module, STATS_ATTR, stats)
     return stats
 
 
@@ -357,17 +278,9 @@ def comm_stats(model: nn.Module) -> CommStats:
     return stats
 
 
-def node_map_for_mesh(group: dist.ProcessGroup, node_ids: Sequence[str]) -> dict[int, int]:
-    """Global rank -> node index from the node ids of ``group``'s ranks (group order)."""
-    index: dict[str, int] = {}
-    ranks = dist.get_process_group_ranks(group)
-    return {
-        rank: index.setdefault(node, len(index)) for rank, node in zip(ranks, node_ids, strict=True)
-    }
-
-
 __all__ = [
     "KINDS",
+    "MB",
     "AllReduceObserver",
     "CommStats",
     "RecordingAllGather",

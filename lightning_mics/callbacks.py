@@ -10,13 +10,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_mics.accounting import (
     LOG_KEYS,
+    MB,
     CommStats,
     find_comm_stats,
     format_summary,
     mean_snapshot,
 )
-
-_MB = 1_000_000  # decimal megabytes, as labelled
 
 
 class CommStatsMonitor(Callback):
@@ -103,7 +102,7 @@ class CommStatsMonitor(Callback):
         if self.prog_bar:
             pl_module.log(
                 f"{self.prefix}inter_node_MB",  # 10**6 bytes
-                snapshot["inter_node_bytes"] / _MB,
+                snapshot["inter_node_bytes"] / MB,
                 on_step=True,
                 on_epoch=False,
                 prog_bar=True,

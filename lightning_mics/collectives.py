@@ -42,74 +42,54 @@ nodes, so a node of ``k`` ranks takes in ``(p-k)*c``: the ``(p-k)/p`` of the pap
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed import ReduceOp
+from torch.distributed.fsdp import FSDPModule
 
 from lightning_mics._fsdp_internals import AllGather, ReduceScatter
-from lightning_mics.topology import HierarchicalGroups, MiCSTopology, new_hierarchical_groups
+from lightning_mics.process_groups import HierarchicalGroups, get_hierarchical_groups
+from lightning_mics.topology import MiCSTopology
 
 # NOTE: `all_gather_into_tensor` / `reduce_scatter_tensor` are deprecated in favour of the
 # `*_single` names (what FSDP's defaults call); fall back on torch versions without them.
 # Looked up on every call, as FSDP does, so that wrappers of `torch.distributed`
-# functions (profilers, the tests' collective counters) see every stage.
+# functions (profilers, the tests' collective counters) see every call.
 _AG_NAME = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
 _RS_NAME = (
     "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
 )
 
 
-def _all_gather_single(output: torch.Tensor, input: torch.Tensor, **kwargs: Any) -> Any:
+def all_gather_single(output: torch.Tensor, input: torch.Tensor, **kwargs: Any) -> Any:
+    """``dist.all_gather_single`` (FSDP's default all-gather), looked up at call time."""
     return getattr(dist, _AG_NAME)(output, input, **kwargs)
 
 
-def _reduce_scatter_single(output: torch.Tensor, input: torch.Tensor, **kwargs: Any) -> Any:
+def reduce_scatter_single(output: torch.Tensor, input: torch.Tensor, **kwargs: Any) -> Any:
+    """``dist.reduce_scatter_single`` (FSDP's default reduce-scatter), looked up at call
+    time."""
     return getattr(dist, _RS_NAME)(output, input, **kwargs)
 
 
-# ------------------------------------------------------------------- group cache
-# NOTE: like the meshes in `runtime`, sub-groups are created once per layout and kept
-# for the life of the process: sharded modules hold on to their comm objects.
-_GROUPS: dict[tuple[str, int, int, int], HierarchicalGroups] = {}
+def install_comms(
+    model: nn.Module, all_gather: AllGather | None, reduce_scatter: ReduceScatter | None
+) -> None:
+    """Make every FSDP module of ``model`` run these comms (``None``: FSDP's own).
 
-
-def get_hierarchical_groups(
-    topology: MiCSTopology, backend: str | None = None
-) -> HierarchicalGroups:
-    """Collective on first use per layout: this rank's inter-/intra-node sub-groups.
-
-    Every rank must call it at the same point (``apply_mics`` does, right after
-    ``fully_shard``, on every rank); later calls for the same layout are local.
+    NOTE: ``set_custom_all_gather`` / ``set_custom_reduce_scatter`` act on one module's
+    own parameter group only, so they are set on every FSDP module.
     """
-    key = (
-        str(backend or dist.get_backend()),
-        topology.world_size,
-        topology.partition_size,
-        topology.ranks_per_node,
-    )
-    groups = _GROUPS.get(key)
-    if groups is None:
-        if not _GROUPS:
-            atexit.register(destroy_hierarchical_groups)
-        groups = _GROUPS[key] = new_hierarchical_groups(topology, backend)
-    return groups
-
-
-def destroy_hierarchical_groups() -> None:
-    """Destroy the sub-groups created by :func:`get_hierarchical_groups` (local)."""
-    while _GROUPS:
-        _, groups = _GROUPS.popitem()
-        if not dist.is_initialized():
-            continue
-        for group in (groups.inter, groups.intra):
-            # NOTE: already gone when the default group was destroyed first
-            with contextlib.suppress(ValueError, RuntimeError):
-                dist.destroy_process_group(group)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            if all_gather is not None:
+                module.set_custom_all_gather(all_gather)
+            if reduce_scatter is not None:
+                module.set_custom_reduce_scatter(reduce_scatter)
 
 
 # -------------------------------------------------------------------- helpers
@@ -130,18 +110,83 @@ def _stage_ops(op: Any, backend: str) -> tuple[Any, Any, bool]:
 
 
 class _Recorder:
-    """Optional per-sub-collective recording into a `CommStats` (see `accounting`)."""
+    """Optional recording of every collective into a `CommStats` (see `accounting`)."""
 
     stats: Any = None  # lightning_mics.accounting.CommStats | None
+    #: Calls that ran the flat collective.
+    flat_calls = 0
 
     def attach_stats(self, stats: Any) -> None:
-        """Record every collective issued from now on into ``stats``: each stage with its
-        own buffer's logical bytes, classified intra- or inter-node by its group."""
+        """Record every collective issued from now on into ``stats``: each with its own
+        buffer's logical bytes, classified intra- or inter-node by its group."""
         self.stats = stats
 
     def _record(self, kind: str, tensor: torch.Tensor, group: dist.ProcessGroup) -> None:
         if self.stats is not None:
             self.stats.record(kind, tensor.numel() * tensor.element_size(), group)
+
+    def in_stages(self, group: dist.ProcessGroup) -> bool:
+        """Whether a collective over ``group`` runs in stages (else: flat)."""
+        return False
+
+    def allocate(
+        self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+
+class RecordingAllGather(_Recorder, AllGather):
+    """FSDP's flat all-gather, recorded once a `CommStats` is attached.
+
+    Issues the collective FSDP's ``DefaultAllGather`` does (``dist.all_gather_single``
+    with the same ``async_op``) and returns its result unchanged. Records the output
+    buffer's bytes over the group FSDP passes, which is the smaller post-forward group
+    when ``reshard_after_forward`` is an int. `HierarchicalAllGather` runs its stages
+    instead over a partition group that spans nodes, each recorded on its own.
+    """
+
+    def __call__(
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: dist.ProcessGroup,
+        async_op: bool = False,
+    ) -> dist.Work | None:
+        if self.in_stages(group):
+            return self.gather_in_stages(output_tensor, input_tensor)
+        self.flat_calls += 1
+        self._record("all_gather", output_tensor, group)
+        return all_gather_single(output_tensor, input_tensor, group=group, async_op=async_op)
+
+    def gather_in_stages(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class RecordingReduceScatter(_Recorder, ReduceScatter):
+    """FSDP's flat reduce-scatter (``dist.reduce_scatter_single``), recorded by its
+    input buffer's bytes once a `CommStats` is attached; `HierarchicalReduceScatter`
+    runs its stages instead over a partition group that spans nodes."""
+
+    def __call__(
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: dist.ProcessGroup,
+        op: Any,
+        async_op: bool = False,
+    ) -> dist.Work | None:
+        if self.in_stages(group):
+            return self.reduce_in_stages(output_tensor, input_tensor, op)
+        self.flat_calls += 1
+        self._record("reduce_scatter", input_tensor, group)
+        return reduce_scatter_single(
+            output_tensor, input_tensor, op=op, group=group, async_op=async_op
+        )
+
+    def reduce_in_stages(
+        self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, op: Any
+    ) -> None:
+        raise NotImplementedError
 
 
 class _HierarchicalComm(_Recorder):
@@ -154,11 +199,11 @@ class _HierarchicalComm(_Recorder):
         # id(group) -> (group, is this rank's partition group); the group is kept alive
         # so that its id cannot be reused by another group.
         self._is_partition: dict[int, tuple[dist.ProcessGroup, bool]] = {}
-        #: Calls that ran the flat collective (a group other than the partition group).
         self.flat_calls = 0
 
-    def is_partition_group(self, group: dist.ProcessGroup) -> bool:
-        """Whether ``group`` is this rank's whole partition group (else: flat path)."""
+    def in_stages(self, group: dist.ProcessGroup) -> bool:
+        """Whether ``group`` is this rank's whole partition group (else: flat path, e.g.
+        the post-forward group of an int ``reshard_after_forward``)."""
         cached = self._is_partition.get(id(group))
         if cached is None:
             ranks = tuple(dist.get_process_group_ranks(group))
@@ -166,13 +211,8 @@ class _HierarchicalComm(_Recorder):
             self._is_partition[id(group)] = cached
         return cached[1]
 
-    def allocate(
-        self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
 
-
-class HierarchicalAllGather(_HierarchicalComm, AllGather):
+class HierarchicalAllGather(_HierarchicalComm, RecordingAllGather):
     """Two-stage all-gather over a partition group that spans nodes.
 
     Stage 1 (inter-node): rank ``(m, l)`` gathers chunk ``(m', l)`` of every node ``m'``
@@ -190,18 +230,7 @@ class HierarchicalAllGather(_HierarchicalComm, AllGather):
     other node's data itself, ``k`` times the inter-node traffic.
     """
 
-    def __call__(
-        self,
-        output_tensor: torch.Tensor,
-        input_tensor: torch.Tensor,
-        group: dist.ProcessGroup,
-        async_op: bool = False,
-    ) -> dist.Work | None:
-        if not self.is_partition_group(group):
-            # e.g. the post-forward group of an int reshard_after_forward
-            self.flat_calls += 1
-            self._record("all_gather", output_tensor, group)
-            return _all_gather_single(output_tensor, input_tensor, group=group, async_op=async_op)
+    def gather_in_stages(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor) -> None:
         chunk = input_tensor.numel()
         if output_tensor.numel() != chunk * self.p:
             raise ValueError(
@@ -217,15 +246,15 @@ class HierarchicalAllGather(_HierarchicalComm, AllGather):
         # any write to its slot (stage 1 writes `stage`; stage 2 rewrites the slot with
         # the same values, since stage[m] == input for this rank's own node m).
         self._record("all_gather", stage, inter)
-        _all_gather_single(stage, input_tensor, group=inter)
+        all_gather_single(stage, input_tensor, group=inter)
         stage = stage.view(self.n, chunk)
         for node in range(self.n):
             self._record("all_gather", out[node], intra)
-            _all_gather_single(out[node], stage[node], group=intra)
+            all_gather_single(out[node], stage[node], group=intra)
         return None
 
 
-class HierarchicalReduceScatter(_HierarchicalComm, ReduceScatter):
+class HierarchicalReduceScatter(_HierarchicalComm, RecordingReduceScatter):
     """Two-stage reduce-scatter over a partition group that spans nodes.
 
     Stage 1 (intra-node): for each node ``m'`` of the partition, the ``k`` ranks of this
@@ -241,20 +270,9 @@ class HierarchicalReduceScatter(_HierarchicalComm, ReduceScatter):
     in the last bits.
     """
 
-    def __call__(
-        self,
-        output_tensor: torch.Tensor,
-        input_tensor: torch.Tensor,
-        group: dist.ProcessGroup,
-        op: Any,
-        async_op: bool = False,
-    ) -> dist.Work | None:
-        if not self.is_partition_group(group):
-            self.flat_calls += 1
-            self._record("reduce_scatter", input_tensor, group)
-            return _reduce_scatter_single(
-                output_tensor, input_tensor, op=op, group=group, async_op=async_op
-            )
+    def reduce_in_stages(
+        self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, op: Any
+    ) -> None:
         chunk = output_tensor.numel()
         if input_tensor.numel() != chunk * self.p:
             raise ValueError(
@@ -269,10 +287,10 @@ class HierarchicalReduceScatter(_HierarchicalComm, ReduceScatter):
         inter, intra = self.groups.inter, self.groups.intra
         for node in range(self.n):
             self._record("reduce_scatter", inp[node], intra)
-            _reduce_scatter_single(stage[node], inp[node], op=first_op, group=intra)
+            reduce_scatter_single(stage[node], inp[node], op=first_op, group=intra)
         stage = stage.view(-1)
         self._record("reduce_scatter", stage, inter)
-        _reduce_scatter_single(output_tensor, stage, op=second_op, group=inter)
+        reduce_scatter_single(output_tensor, stage, op=second_op, group=inter)
         if divide:
             output_tensor.div_(self.p)
         return None
@@ -290,7 +308,10 @@ def hierarchical_comms(
 __all__ = [
     "HierarchicalAllGather",
     "HierarchicalReduceScatter",
-    "destroy_hierarchical_groups",
-    "get_hierarchical_groups",
+    "RecordingAllGather",
+    "RecordingReduceScatter",
+    "all_gather_single",
     "hierarchical_comms",
+    "install_comms",
+    "reduce_scatter_single",
 ]

@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_mics.topology import PartitionSize
+from lightning_mics.topology import Hierarchical, PartitionSize
 
 #: Which modules get their own FSDP unit: a set of module classes, or a callable
 #: ``(module) -> bool``. ``None`` picks every child of an ``nn.ModuleList`` (the
@@ -120,7 +120,7 @@ class MiCSConfig:
     wrap_policy: WrapPolicy = field(default=None, repr=False)
     sync_replicas: bool = True
     comm_stats: bool = True
-    hierarchical: bool | Literal["auto"] = "auto"
+    hierarchical: Hierarchical = "auto"
     init_fn: Callable[[nn.Module], Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

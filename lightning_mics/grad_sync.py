@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
@@ -101,15 +100,3 @@ def flush_pending_gradients(model: nn.Module) -> bool:
     for group in fsdp.param_groups(model):
         fsdp.finalize_backward(group)
     return True
-
-
-def discard_pending_gradients(model: nn.Module) -> None:
-    """Drop parked partial gradients (e.g. after an aborted micro-step)."""
-    fsdp_root(model).reset_iter_state()
-
-
-def all_reduce_flag(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
-    """True on every rank if it is True on any rank."""
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())

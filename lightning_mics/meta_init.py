@@ -51,6 +51,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from lightning_mics import _fsdp_internals as fsdp
+from lightning_mics.process_groups import comm_device
 
 #: A user initialiser: called with each module, children first (see `MiCSConfig.init_fn`).
 InitFn = Callable[[nn.Module], Any]
@@ -297,7 +298,14 @@ def materialize_meta_module(
         }
     meta_names = {name for name, *_ in _named_tensors(model) if name not in kept}
     param_device = param_device or device
-    model.to_empty(device=param_device)
+    # NOTE: only the modules that hold meta tensors, each without recursing: `to_empty`
+    # goes through `Module._apply`, which some modules extend to state that is neither a
+    # parameter nor a buffer (torchmetrics' `Metric` states), and that state must keep its
+    # values.
+    for module in model.modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if any(tensor.is_meta for tensor in own):
+            module.to_empty(device=param_device, recurse=False)
     if param_device != device:
         # NOTE: CPU offload: FSDP keeps sharded parameters in host memory (and refuses
         # them elsewhere at its lazy init), buffers live on the compute device.
@@ -384,12 +392,7 @@ def _agree(
     flags[rank] = int(failed)
     if verdicts:
         flags[world:] = torch.tensor(verdicts, dtype=torch.int32)
-    comm_device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if dist.get_backend(group) == "nccl"
-        else torch.device("cpu")
-    )
-    flags = flags.to(comm_device)
+    flags = flags.to(comm_device(group))
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
     flags = flags.cpu()
     ranks = dist.get_process_group_ranks(group)

@@ -1,8 +1,22 @@
-"""`apply_mics`: shard a model over MiCS partition groups with FSDP2 ``fully_shard``."""
+"""`apply_mics`: shard a model over MiCS partition groups with FSDP2 ``fully_shard``.
+
+`apply_mics` is the list of its steps, each a function of a module, a mesh (or
+topology) and plain arguments that can be read, tested and reused alone:
+
+1. :func:`resolve_layout`: the topology, its mesh, and whether collectives are
+   hierarchical (decided once, by :func:`~lightning_mics.topology.use_hierarchical`);
+2. :func:`select_blocks`: the modules that become FSDP units;
+3. :func:`apply_activation_checkpointing` on the outermost of them;
+4. :func:`apply_fully_shard`: ``fully_shard`` on every unit (children first), then the root;
+5. :func:`apply_comms`: the hierarchical comms and the recording of every collective;
+6. :func:`apply_meta_init`: a meta-device model materialised shard by shard;
+7. :func:`sync_replicas`: replica 0's values copied to the other replicas.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import chain
 
 import torch
 import torch.distributed as dist
@@ -18,23 +32,24 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 
 from lightning_mics import _fsdp_internals
-from lightning_mics.accounting import CommStats, install_comm_stats, node_map_for_mesh
+from lightning_mics.accounting import CommStats, install_comm_stats
 from lightning_mics.collectives import (
     HierarchicalAllGather,
     HierarchicalReduceScatter,
     hierarchical_comms,
+    install_comms,
 )
 from lightning_mics.config import MiCSConfig, WrapPolicy
 from lightning_mics.meta_init import MetaInitError, materialize_meta_module, post_order
-from lightning_mics.topology import (
-    REPLICATE_DIM,
-    MiCSTopology,
-    MiCSTopologyError,
+from lightning_mics.process_groups import (
     build_device_mesh,
-    check_hierarchical,
-    gather_node_ids,
+    comm_device,
+    physical_ranks_per_node,
     verify_topology,
 )
+from lightning_mics.topology import REPLICATE_DIM, MiCSTopology, MiCSTopologyError, use_hierarchical
+
+HierarchicalComms = tuple[HierarchicalAllGather, HierarchicalReduceScatter]
 
 
 def apply_mics(
@@ -50,9 +65,11 @@ def apply_mics(
     ``fully_shard`` is applied to every module that ``config.wrap_policy`` selects, then
     to ``model`` itself (the root). ``topology`` is either a :class:`MiCSTopology` (the
     mesh is built here, after checking the node layout) or a ready ``("replicate",
-    "shard")`` / ``("shard",)`` :class:`DeviceMesh`. With a :class:`MiCSTopology`, ``mesh``
-    may pass its ready mesh (built and verified earlier), which is then used as is.
-    Idempotent: a model that is already sharded is returned unchanged.
+    "shard")`` / ``("shard",)`` :class:`DeviceMesh` laid out as
+    :func:`~lightning_mics.build_device_mesh` lays one out (see :func:`resolve_layout`).
+    With a :class:`MiCSTopology`, ``mesh`` may pass its ready mesh (built and verified
+    earlier), which is then used as is. Idempotent: a model that is already sharded is
+    returned unchanged.
 
     Unless ``config.comm_stats`` is off, every collective of the sharded model is
     recorded (see :mod:`lightning_mics.accounting`; read it with ``comm_stats(model)``).
@@ -79,139 +96,188 @@ def apply_mics(
             "Part of the model is already sharded with fully_shard but its root is not. "
             "Either shard the whole model yourself (and let MiCS leave it) or none of it."
         )
-    if device is None:
-        device = _infer_device(model)
-    if isinstance(topology, MiCSTopology):
-        if mesh is None:
-            verify_topology(topology)
-            mesh = build_device_mesh(topology, device)
-    else:
-        mesh = topology
-        topology = None
-    # NOTE: decided (and the sub-groups created, collectively) before the model is
-    # touched, so that an impossible hierarchical=True leaves it unsharded.
-    comms = _hierarchical_comms(config, topology, mesh)
-
-    mp_policy = MixedPrecisionPolicy(
-        param_dtype=config.param_dtype, reduce_dtype=config.reduce_dtype
-    )
-    offload_policy: OffloadPolicy = (
-        CPUOffloadPolicy(pin_memory=device.type == "cuda")
-        if config.cpu_offload
-        else OffloadPolicy()
-    )
-    should_wrap = _wrap_predicate(config.wrap_policy, model)
-    # NOTE: post-order (children before parents): `fully_shard` on a parent takes every
-    # parameter below it that no unit owns yet, so a child sharded after its parent would
-    # be sharded twice and crash at the first forward.
-    blocks = [m for m in post_order(model) if m is not model and should_wrap(m)]
+    device = device or _infer_device(model)
+    topology, mesh, hierarchical = resolve_layout(topology, config, device, mesh)
+    # NOTE: the sub-groups are created (collectively) before the model is touched, so
+    # that a failure leaves it unsharded.
+    comms = hierarchical_comms(topology) if hierarchical else None
+    blocks = select_blocks(model, config.wrap_policy)
     if config.activation_checkpointing:
-        apply_activation_checkpointing(_outermost(model, blocks))
-    common = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
-    for block in blocks:
-        fully_shard(block, reshard_after_forward=config.reshard_after_forward, **common)
-    # NOTE: the root's parameters (embeddings, head) are needed again right at the start
-    # of backward, so torchtitan-style we keep them gathered after forward.
-    fully_shard(model, reshard_after_forward=False, **common)
-    _use_sum_reductions_if_needed(model, mesh)
-    all_gather, reduce_scatter = comms or (None, None)
-    if config.comm_stats:
-        install_comm_stats(
-            model,
-            _new_comm_stats(topology, mesh, config.ranks_per_node),
-            mesh.get_group(0) if mesh.ndim == 2 else None,  # FSDP: dim 0 replicates
-            all_gather=all_gather,
-            reduce_scatter=reduce_scatter,
-        )
-    elif comms is not None:
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                # NOTE: the setters act on this module's own parameter group only.
-                module.set_custom_all_gather(all_gather)
-                module.set_custom_reduce_scatter(reduce_scatter)
-
-    if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
-        materialize_meta_module(
-            model,
-            device,
-            config.init_fn,
-            group=_flat_group(mesh),
-            param_device=torch.device("cpu") if config.cpu_offload else device,
-        )
+        apply_activation_checkpointing(outermost(model, blocks))
+    apply_fully_shard(model, blocks, mesh, config, device)
+    apply_comms(model, topology, mesh, comms, record=config.comm_stats)
+    if any(t.is_meta for t in chain(model.parameters(), model.buffers())):
+        apply_meta_init(model, mesh, config, device)
     if config.sync_replicas:
         sync_replicas(model, mesh)
     return model
 
 
-def _hierarchical_comms(
-    config: MiCSConfig, topology: MiCSTopology | None, mesh: DeviceMesh
-) -> tuple[HierarchicalAllGather, HierarchicalReduceScatter] | None:
-    """The hierarchical comms that ``config.hierarchical`` asks for, or ``None`` (flat).
+# ------------------------------------------------------------------------- the steps
+def resolve_layout(
+    layout: MiCSTopology | DeviceMesh,
+    config: MiCSConfig,
+    device: torch.device,
+    mesh: DeviceMesh | None = None,
+) -> tuple[MiCSTopology, DeviceMesh, bool]:
+    """``(topology, mesh, hierarchical)`` of ``layout``: a topology (its mesh is ``mesh``
+    or built here after checking the node layout, collectively) or a ready-made mesh
+    (its topology is :meth:`MiCSTopology.from_mesh` on ``config.ranks_per_node`` nodes).
 
-    Collective when it returns comms (the sub-groups are created on first use per
-    layout). The decision depends only on the config and the global layout, never on
-    the rank, so every rank creates the same groups in the same order or none.
+    A ready-made mesh without ``config.ranks_per_node`` leaves the nodes unknown:
+    hierarchical collectives are then off (``hierarchical=True`` raises), and the
+    communication statistics learn each rank's physical node (a collective over the mesh).
+    Raises :class:`MiCSTopologyError` before the model is touched.
     """
-    wanted = config.hierarchical
-    if wanted is False:
-        return None
-    forced = wanted is True
-    if topology is None:
-        topology = _topology_of_mesh(mesh, config.ranks_per_node, forced)
-        if topology is None:
-            return None
-    if forced:
-        check_hierarchical(topology)
-    elif not (topology.spans_nodes and topology.ranks_per_node > 1):
-        return None  # NOTE: the same answer as check_hierarchical, without raising
-    return hierarchical_comms(topology)
-
-
-def _topology_of_mesh(
-    mesh: DeviceMesh, ranks_per_node: int | None, forced: bool
-) -> MiCSTopology | None:
-    """The node-major topology a ready-made mesh follows, or ``None`` (raising instead
-    when hierarchical collectives are forced on) when it cannot be known."""
-    world = dist.get_world_size()
-    partition = mesh.size(mesh.ndim - 1)
-    problem = None
-    if ranks_per_node is None:
-        problem = (
-            "the ranks per node are unknown for a ready-made mesh: pass "
-            "MiCSConfig(ranks_per_node=...)"
+    if isinstance(layout, MiCSTopology):
+        if mesh is None:
+            verify_topology(layout)
+            mesh = build_device_mesh(layout, device)
+        return layout, mesh, use_hierarchical(config.hierarchical, layout)
+    mesh = layout
+    nodes_known = config.ranks_per_node is not None
+    if not nodes_known and config.hierarchical is True:
+        raise MiCSTopologyError(
+            "hierarchical=True is impossible here: the ranks per node are unknown for a "
+            "ready-made mesh: pass MiCSConfig(ranks_per_node=...)."
         )
-    elif mesh.mesh.numel() != world or mesh.mesh.flatten().tolist() != list(range(world)):
+    if mesh.mesh.numel() != dist.get_world_size():
         # NOTE: `mesh.mesh` is the global layout, the same on every rank.
-        problem = (
-            "the mesh is not the node-major layout of the whole world (rows of "
-            "consecutive ranks); build it with lightning_mics.build_device_mesh"
+        raise MiCSTopologyError(
+            f"The mesh holds {mesh.mesh.numel()} ranks but the process group has "
+            f"{dist.get_world_size()}: MiCS shards over the whole world."
         )
-    else:
-        try:
-            return MiCSTopology.create(world, ranks_per_node, partition)
-        except MiCSTopologyError as err:
-            problem = str(err)
-    if forced:
-        raise MiCSTopologyError(f"hierarchical=True is impossible here: {problem}.")
-    return None
+    ranks_per_node = config.ranks_per_node or physical_ranks_per_node(
+        _fsdp_internals.flat_group(mesh)
+    )
+    topology = MiCSTopology.from_mesh(mesh, ranks_per_node)
+    return topology, mesh, nodes_known and use_hierarchical(config.hierarchical, topology)
 
 
-def _new_comm_stats(
-    topology: MiCSTopology | None, mesh: DeviceMesh, ranks_per_node: int | None
-) -> CommStats:
-    """A recorder that knows every rank's node: from the topology (node-major layout) or,
-    for a bare mesh, from ``ranks_per_node`` or the physical node ids of the mesh's ranks
-    (a collective over the mesh)."""
-    if topology is not None:
-        return CommStats.for_ranks_per_node(topology.world_size, topology.ranks_per_node)
-    if ranks_per_node is not None:
-        return CommStats.for_ranks_per_node(dist.get_world_size(), ranks_per_node)
-    group = _flat_group(mesh)
-    return CommStats(node_map_for_mesh(group, gather_node_ids(group)))
+def select_blocks(model: nn.Module, policy: WrapPolicy) -> list[nn.Module]:
+    """The modules of ``model`` that become FSDP units, children before parents.
+
+    NOTE: post-order: ``fully_shard`` on a parent takes every parameter below it that no
+    unit owns yet, so a child sharded after its parent would be sharded twice and crash
+    at the first forward.
+    """
+    should_wrap = _wrap_predicate(policy, model)
+    return [m for m in post_order(model) if m is not model and should_wrap(m)]
 
 
+def outermost(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+    """The blocks that no other block contains (in ``model``'s module order)."""
+    selected = {id(b) for b in blocks}
+    inner: set[int] = set()
+    for block in blocks:
+        inner.update(id(m) for m in block.modules() if m is not block and id(m) in selected)
+    return [m for m in model.modules() if id(m) in selected and id(m) not in inner]
+
+
+def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:
+    """Recompute each block's activations in backward (composable, keeps FQNs intact).
+
+    Pass blocks that do not contain one another: a nested block would be recomputed twice.
+    """
+    for block in blocks:
+        _fsdp_internals.checkpoint_module(block)
+
+
+def apply_fully_shard(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    mesh: DeviceMesh,
+    config: MiCSConfig,
+    device: torch.device,
+) -> None:
+    """``fully_shard`` every block (in the given order), then ``model`` as the root, with
+    the config's mixed precision, offload and ``reshard_after_forward``."""
+    common = dict(
+        mesh=mesh,
+        mp_policy=MixedPrecisionPolicy(
+            param_dtype=config.param_dtype, reduce_dtype=config.reduce_dtype
+        ),
+        offload_policy=(
+            CPUOffloadPolicy(pin_memory=device.type == "cuda")
+            if config.cpu_offload
+            else OffloadPolicy()
+        ),
+    )
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=config.reshard_after_forward, **common)
+    # NOTE: the root's parameters (embeddings, head) are needed again right at the start
+    # of backward, so torchtitan-style we keep them gathered after forward.
+    fully_shard(model, reshard_after_forward=False, **common)
+    # NOTE: gloo implements neither AVG nor PREMUL_SUM, which FSDP picks by default for
+    # fp32/bf16 gradients; with sum-only reductions FSDP divides by the data-parallel
+    # size itself after the reduction, which is exactly equivalent.
+    if dist.get_backend(mesh.get_group(mesh.mesh_dim_names[-1])) == "gloo":
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_force_sum_reduction_for_comms(True)
+
+
+def apply_comms(
+    model: nn.Module,
+    topology: MiCSTopology,
+    mesh: DeviceMesh,
+    comms: HierarchicalComms | None,
+    *,
+    record: bool,
+) -> None:
+    """Install the hierarchical ``comms`` (``None``: FSDP's flat collectives) on every
+    FSDP module of the sharded ``model`` and, with ``record``, the recording of every
+    collective into a `CommStats` that knows the nodes of ``topology``'s ranks."""
+    all_gather, reduce_scatter = comms or (None, None)
+    if not record:
+        install_comms(model, all_gather, reduce_scatter)
+        return
+    install_comm_stats(
+        model,
+        CommStats.for_topology(topology),
+        mesh.get_group(0) if mesh.ndim == 2 else None,  # FSDP: dim 0 replicates
+        all_gather=all_gather,
+        reduce_scatter=reduce_scatter,
+    )
+
+
+def apply_meta_init(
+    model: nn.Module, mesh: DeviceMesh, config: MiCSConfig, device: torch.device
+) -> None:
+    """Materialise the meta tensors of the sharded ``model`` on ``device`` (parameters in
+    host memory with CPU offload) and initialise them (see :mod:`lightning_mics.meta_init`),
+    with the same verdict on every rank of ``mesh``."""
+    materialize_meta_module(
+        model,
+        device,
+        config.init_fn,
+        group=_fsdp_internals.flat_group(mesh),
+        param_device=torch.device("cpu") if config.cpu_offload else device,
+    )
+
+
+@torch.no_grad()
+def sync_replicas(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Make all replicas identical: replica 0's shards and buffers win.
+
+    FSDP2 has no ``sync_module_states``; ranks seeded differently would otherwise train
+    diverging replicas. Shards are broadcast along the replication group only (each
+    rank sends or receives ``1/partition_size`` of the model); buffers, which are not
+    sharded, are broadcast over the whole mesh.
+    """
+    if mesh.ndim == 2:
+        group = mesh.get_group(REPLICATE_DIM)
+        for param in model.parameters():
+            local = param.to_local() if isinstance(param, DTensor) else param.data
+            _broadcast_inplace(local, group)
+    world = _fsdp_internals.flat_group(mesh)
+    for buffer in model.buffers():
+        _broadcast_inplace(buffer.data, world)
+
+
+# ------------------------------------------------------------------------ helpers
 def _infer_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    for tensor in chain(model.parameters(), model.buffers()):
         if not tensor.is_meta:
             return tensor.device
     return torch.device("cpu")
@@ -233,77 +299,26 @@ def _wrap_predicate(policy: WrapPolicy, model: nn.Module) -> Callable[[nn.Module
     return lambda module: isinstance(module, classes)
 
 
-def _outermost(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
-    """The blocks that no other block contains (in ``model``'s module order)."""
-    selected = {id(b) for b in blocks}
-    inner: set[int] = set()
-    for block in blocks:
-        inner.update(id(m) for m in block.modules() if m is not block and id(m) in selected)
-    return [m for m in model.modules() if id(m) in selected and id(m) not in inner]
-
-
-def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:
-    """Recompute each block's activations in backward (composable, keeps FQNs intact).
-
-    Pass blocks that do not contain one another: a nested block would be recomputed twice.
-    """
-    for block in blocks:
-        _fsdp_internals.checkpoint_module(block)
-
-
-def _use_sum_reductions_if_needed(model: nn.Module, mesh: DeviceMesh) -> None:
-    # NOTE: gloo implements neither AVG nor PREMUL_SUM, which FSDP picks by default for
-    # fp32/bf16 gradients; with sum-only reductions FSDP divides by the data-parallel
-    # size itself after the reduction, which is exactly equivalent.
-    if dist.get_backend(mesh.get_group(mesh.mesh_dim_names[-1])) == "gloo":
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.set_force_sum_reduction_for_comms(True)
-
-
-@torch.no_grad()
-def sync_replicas(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Make all replicas identical: replica 0's shards and buffers win.
-
-    FSDP2 has no ``sync_module_states``; ranks seeded differently would otherwise train
-    diverging replicas. Shards are broadcast along the replication group only (each
-    rank sends or receives ``1/partition_size`` of the model); buffers, which are not
-    sharded, are broadcast over the whole mesh.
-    """
-    if mesh.ndim == 2:
-        group = mesh.get_group(REPLICATE_DIM)
-        for param in model.parameters():
-            local = param.to_local() if isinstance(param, DTensor) else param.data
-            _broadcast_inplace(local, group)
-    world = _flat_group(mesh)
-    for buffer in model.buffers():
-        _broadcast_inplace(buffer.data, world)
-
-
-def _flat_group(mesh: DeviceMesh) -> dist.ProcessGroup:
-    return _fsdp_internals.flat_group(mesh)
-
-
 def _broadcast_inplace(tensor: torch.Tensor, group: dist.ProcessGroup) -> None:
-    comm_device = _comm_device(group)
-    if tensor.device == comm_device:
+    device = comm_device(group)
+    if tensor.device == device:
         dist.broadcast(tensor, group=group, group_src=0)
     else:  # e.g. CPU-offloaded shards with an NCCL group
-        staged = tensor.to(comm_device)
+        staged = tensor.to(device)
         dist.broadcast(staged, group=group, group_src=0)
         tensor.copy_(staged)
-
-
-def _comm_device(group: dist.ProcessGroup) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 __all__ = [
     "MetaInitError",
     "apply_activation_checkpointing",
+    "apply_comms",
+    "apply_fully_shard",
+    "apply_meta_init",
     "apply_mics",
     "materialize_meta_module",
+    "outermost",
+    "resolve_layout",
+    "select_blocks",
     "sync_replicas",
 ]

@@ -1,27 +1,25 @@
-"""Partition / replication / node arithmetic for MiCS, its validation, and device meshes.
+"""Partition / replication / node arithmetic for MiCS, and its validation.
 
 Ranks are laid out node-major: node ``n`` holds ranks ``[n*k, (n+1)*k)`` where ``k`` is
 ``ranks_per_node``. A *partition group* is ``partition_size`` consecutive ranks and holds
 one full replica of the model states; a *replication group* is the ranks at the same
 position of every partition group.
+
+Pure arithmetic, testable without processes: what needs the process group (gathering
+node identities, meshes, sub-groups) is in :mod:`lightning_mics.process_groups`.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-
-from lightning_mics import _fsdp_internals as _internals
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 PartitionSize = int | Literal["node"]
+Hierarchical = bool | Literal["auto"]
 
 #: Environment variable that overrides a rank's node identity (default: its hostname).
 #: The emulated cluster sets it so that ranks in different network namespaces of one
@@ -94,6 +92,23 @@ class MiCSTopology:
             )
         return cls(world_size, partition_size, ranks_per_node)
 
+    @classmethod
+    def from_mesh(cls, mesh: DeviceMesh, ranks_per_node: int) -> MiCSTopology:
+        """The topology of a ready-made ``mesh`` on nodes of ``ranks_per_node`` ranks.
+
+        The mesh must be laid out as :func:`~lightning_mics.build_device_mesh` lays out
+        a topology: ranks ``0 .. n-1`` in order, row ``i`` of the last (shard) dimension
+        being partition group ``i``. Reads the mesh's global layout (the same on every
+        rank); no communication. Raises :class:`MiCSTopologyError` otherwise.
+        """
+        ranks = mesh.mesh.flatten().tolist()
+        if ranks != list(range(len(ranks))):
+            raise MiCSTopologyError(
+                "the mesh is not the node-major layout of the whole world (rows of "
+                "consecutive ranks); build it with lightning_mics.build_device_mesh"
+            )
+        return cls.create(len(ranks), ranks_per_node, mesh.size(mesh.ndim - 1))
+
     # ---------------------------------------------------------------- derived sizes
     @property
     def replication_size(self) -> int:
@@ -133,6 +148,14 @@ class MiCSTopology:
         p = self.partition_size
         return [list(range(j, self.world_size, p)) for j in range(p)]
 
+    def sizes(self) -> dict[str, int]:
+        """The sizes a checkpoint records about the layout it was saved under."""
+        return {
+            "partition_size": self.partition_size,
+            "replication_size": self.replication_size,
+            "ranks_per_node": self.ranks_per_node,
+        }
+
     def describe(self) -> str:
         return (
             f"MiCS: {self.world_size} ranks = {self.num_nodes} nodes x {self.ranks_per_node}; "
@@ -151,11 +174,6 @@ def _divisors(n: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------- node layout
-def local_node_id() -> str:
-    """This rank's node identity: ``$LIGHTNING_MICS_NODE_ID`` or the hostname."""
-    return os.environ.get(NODE_ID_ENV) or socket.gethostname()
-
-
 def check_node_layout(node_ids: Sequence[str], ranks_per_node: int) -> None:
     """Check that the physical nodes match the logical layout.
 
@@ -198,74 +216,7 @@ def check_node_layout(node_ids: Sequence[str], ranks_per_node: int) -> None:
         )
 
 
-def gather_node_ids(group: dist.ProcessGroup | None = None) -> list[str]:
-    """All ranks' node identities, gathered once over ``group``."""
-    ids: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(ids, local_node_id(), group=group)
-    return [str(i) for i in ids]
-
-
-def verify_topology(topology: MiCSTopology) -> None:
-    """Collective: check the running process group against ``topology``.
-
-    Every rank reaches the same verdict (they all see the same gathered list), so an
-    error is raised on all ranks together and no later collective can hang.
-    """
-    world = dist.get_world_size()
-    if world != topology.world_size:
-        raise MiCSTopologyError(
-            f"The process group has {world} ranks but the topology expects {topology.world_size}."
-        )
-    check_node_layout(gather_node_ids(), topology.ranks_per_node)
-
-
-# ---------------------------------------------------------------------------- meshes
-def default_group_timeout(device: torch.device) -> timedelta | None:
-    """The timeout the default process group was created with (``None`` if unknown).
-
-    NOTE: ``dist.new_group`` and ``init_device_mesh`` default to the backend's global
-    timeout (30 minutes for gloo), not the default group's: MiCS's own groups pass this
-    one on, so that a hung rank fails every collective within the configured timeout.
-    Read through c10d internals (see :mod:`lightning_mics._fsdp_internals`).
-    """
-    return _internals.default_group_timeout(device)
-
-
-def _default_comm_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _backend_options(device: torch.device) -> tuple[str, Any] | None:
-    timeout = default_group_timeout(device)
-    if timeout is None:
-        return None
-    backend = dist.get_backend()
-    options = _internals.backend_options(backend, timeout)
-    return None if options is None else (backend, options)
-
-
-def build_device_mesh(topology: MiCSTopology, device: torch.device) -> DeviceMesh:
-    """The ``("replicate", "shard")`` mesh, or a 1-D ``("shard",)`` one when R == 1.
-
-    NOTE: ``init_device_mesh`` lays ranks out row-major, so row ``i`` is the partition
-    group ``[i*p, (i+1)*p)``, exactly our layout. Ranks are never permuted here: DTensor
-    shard offsets must agree with process-group ranks or checkpoints silently corrupt.
-    A (1, p) mesh is avoided because FSDP would issue pointless size-1 all-reduces. The
-    mesh's groups inherit the default group's timeout.
-    """
-    if topology.replication_size == 1:
-        shape, names = (topology.partition_size,), (SHARD_DIM,)
-    else:
-        shape = (topology.replication_size, topology.partition_size)
-        names = (REPLICATE_DIM, SHARD_DIM)
-    options = _backend_options(device)
-    override = {dim: options for dim in range(len(shape))} if options else None
-    return init_device_mesh(device.type, shape, mesh_dim_names=names, backend_override=override)
-
-
-# ------------------------------------------------------------ hierarchical sub-groups
+# ------------------------------------------------------------ hierarchical layout
 def inter_node_groups(topology: MiCSTopology) -> list[list[int]]:
     """Ranks of each partition group that share a local index, one list per (partition
     group, local index): the ``nodes_per_partition`` participants of an inter-node stage.
@@ -287,11 +238,13 @@ def intra_node_groups(topology: MiCSTopology) -> list[list[int]]:
     return [list(range(node * k, (node + 1) * k)) for node in range(topology.num_nodes)]
 
 
-def check_hierarchical(topology: MiCSTopology) -> None:
-    """Raise :class:`MiCSTopologyError` unless a partition group spans several whole nodes
-    of more than one rank, the only layout where hierarchical collectives mean anything."""
+def _hierarchical_problem(topology: MiCSTopology) -> str | None:
+    """Why hierarchical collectives cannot apply to ``topology`` (``None``: they can).
+
+    They need a partition group that spans several whole nodes of more than one rank.
+    """
     if not topology.spans_nodes:
-        raise MiCSTopologyError(
+        return (
             f"hierarchical=True needs a partition group that spans nodes, but "
             f"partition_size={topology.partition_size} fits in one node of "
             f"{topology.ranks_per_node} ranks: its collectives are already intra-node. "
@@ -299,63 +252,32 @@ def check_hierarchical(topology: MiCSTopology) -> None:
             "ranks_per_node larger than it."
         )
     if topology.ranks_per_node == 1:
-        raise MiCSTopologyError(
+        return (
             "hierarchical=True needs nodes of several ranks, but ranks_per_node=1: there is "
             "no intra-node stage, the flat collectives already are the inter-node stage. "
             "Use hierarchical='auto' (or False), or set ranks_per_node."
         )
+    return None
 
 
-@dataclass(frozen=True)
-class HierarchicalGroups:
-    """This rank's sub-groups of its partition group, for two-stage collectives.
+def use_hierarchical(setting: Hierarchical, topology: MiCSTopology) -> bool:
+    """Whether ``topology`` runs hierarchical collectives under ``MiCSConfig.hierarchical``
+    = ``setting``: the one place where that option is decided.
 
-    ``partition_ranks`` is this rank's partition group (global ranks, partition-rank
-    order); ``inter`` holds the ranks of it with this rank's local index (one per node,
-    node order), ``intra`` the ranks of this rank's node (local-index order). Ranks are
-    never permuted: position in ``partition_ranks`` = node_in_partition * k + local.
+    ``"auto"``: exactly when a partition group spans several nodes of more than one rank;
+    ``True``: the same, and :class:`MiCSTopologyError` where it cannot apply; ``False``:
+    never. Depends only on the global layout, never on the rank, so that every rank
+    creates the same sub-groups or none.
     """
-
-    topology: MiCSTopology
-    partition_ranks: tuple[int, ...]
-    inter: dist.ProcessGroup
-    intra: dist.ProcessGroup
-
-    @property
-    def nodes_per_partition(self) -> int:
-        return self.topology.nodes_per_partition
-
-    @property
-    def ranks_per_node(self) -> int:
-        return self.topology.ranks_per_node
+    if setting is False:
+        return False
+    problem = _hierarchical_problem(topology)
+    if problem is not None and setting is True:
+        raise MiCSTopologyError(problem)
+    return problem is None
 
 
-def new_hierarchical_groups(
-    topology: MiCSTopology, backend: str | None = None
-) -> HierarchicalGroups:
-    """Collective over the whole world: create the inter- and intra-node sub-groups.
-
-    Every rank calls ``dist.new_group`` for *every* sub-group, in the same order (inter
-    groups first, then node groups), as ``new_group`` requires; a rank keeps the two it
-    belongs to. Prefer :func:`lightning_mics.collectives.get_hierarchical_groups`, which
-    caches the result per layout.
-    """
-    if dist.get_world_size() != topology.world_size:
-        raise MiCSTopologyError(
-            f"The process group has {dist.get_world_size()} ranks but the topology expects "
-            f"{topology.world_size}."
-        )
-    rank = dist.get_rank()
-    timeout = default_group_timeout(_default_comm_device())
-    inter = intra = None
-    for ranks in inter_node_groups(topology):
-        group = dist.new_group(ranks, backend=backend, timeout=timeout)
-        if rank in ranks:
-            inter = group
-    for ranks in intra_node_groups(topology):
-        group = dist.new_group(ranks, backend=backend, timeout=timeout)
-        if rank in ranks:
-            intra = group
-    assert inter is not None and intra is not None
-    partition = topology.partition_groups()[topology.partition_index(rank)]
-    return HierarchicalGroups(topology, tuple(partition), inter, intra)
+def check_hierarchical(topology: MiCSTopology) -> None:
+    """Raise :class:`MiCSTopologyError` unless hierarchical collectives apply to
+    ``topology`` (see :func:`use_hierarchical`)."""
+    use_hierarchical(True, topology)

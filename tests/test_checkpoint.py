@@ -155,7 +155,7 @@ def test_each_shard_is_written_once(saved, reshard_w4) -> None:
     out, _ = saved
     # Saved with partition 2 and 2 replicas: every chunk of every tensor once.
     replicated = out / "resaved-w4-p2.ckpt"
-    metadata = ckpt._read_metadata(replicated)
+    metadata = ckpt.read_metadata(replicated)
     for name, meta in metadata.state_dict_metadata.items():
         if hasattr(meta, "chunks"):
             offsets = [tuple(c.offsets) for c in meta.chunks]

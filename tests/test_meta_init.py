@@ -283,3 +283,24 @@ def test_init_fn_is_a_strategy_keyword():
 
     assert lightning_mics.MiCSStrategy(init_fn=init_module).mics.config.init_fn is init_module
     assert FabricMiCSStrategy(init_fn=init_module).mics.config.init_fn is init_module
+
+
+def test_state_outside_parameters_and_buffers_is_kept():
+    """A torchmetrics ``Metric`` (its states are neither parameters nor buffers, but its
+    ``_apply`` moves them) created with real values keeps them: only modules holding meta
+    tensors are allocated."""
+    from torchmetrics.aggregation import SumMetric
+
+    class WithMetric(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            with torch.device("meta"):
+                self.linear = nn.Linear(4, 4)
+            self.metric = SumMetric()
+
+    model = WithMetric()
+    model.metric.update(torch.tensor(3.0))
+    materialize_meta_module(model, torch.device("cpu"))
+    assert model.metric.compute().item() == 3.0
+    model.metric.reset()
+    assert model.metric.compute().item() == 0.0  # its defaults survived too

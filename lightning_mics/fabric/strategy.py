@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, ExitStack
-from datetime import timedelta
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.fabric.strategies.parallel import ParallelStrategy
-from lightning.fabric.strategies.strategy import _apply_filter, _BackwardSyncControl
-from lightning.fabric.utilities.distributed import (
-    _sync_ddp_if_available,
-)
-from lightning.fabric.utilities.types import ReduceOp, _Stateful
+from lightning.fabric.strategies.strategy import _BackwardSyncControl
+from lightning.fabric.utilities.types import ReduceOp
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from lightning_mics import checkpoint as ckpt
 from lightning_mics._lightning import MiCSParallelMixin
-from lightning_mics.checkpoint import StateDictType
-from lightning_mics.config import MiCSConfig
+from lightning_mics.checkpoint.state_dicts import (
+    model_state_dict,
+    module_of,
+    optimizer_state_dict,
+    set_model_state,
+    set_optimizer_state,
+)
 from lightning_mics.optim import clip_grad_norm_
 from lightning_mics.runtime import MiCSRuntime
 
@@ -45,40 +45,13 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
     """
 
     _launcher_cls = _SubprocessScriptLauncher
+    _precision_arg = "precision"
 
-    def __init__(
-        self,
-        config: MiCSConfig | None = None,
-        *,
-        process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
-        accelerator: Any | None = None,
-        parallel_devices: list[torch.device] | None = None,
-        cluster_environment: Any | None = None,
-        checkpoint_io: Any | None = None,
-        precision: Any | None = None,
-        state_dict_type: StateDictType = "sharded",
-        **options: Any,
-    ) -> None:
-        """``options`` are :class:`~lightning_mics.MiCSConfig` fields (``partition_size``,
-        ``accumulation``, ``param_dtype``, ...); alternatively pass a ready ``config``.
-        ``state_dict_type``: ``"sharded"`` (default) or ``"full"`` checkpoints."""
-        super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision=precision,
-        )
-        if config is not None and options:
-            raise TypeError("Pass either a MiCSConfig or MiCS options as keywords, not both.")
-        self.mics = MiCSRuntime(config or MiCSConfig(**options))
-        self._process_group_backend = process_group_backend
-        self._timeout = timeout
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._num_nodes = 1
         self._backward_sync_control = _MiCSBackwardSyncControl(self.mics)
         self._modules: list[nn.Module] = []
-        self.state_dict_type = state_dict_type
 
     @property
     def num_nodes(self) -> int:
@@ -201,40 +174,21 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
     def all_reduce(
         self, tensor: Tensor, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
     ) -> Tensor:
-        if isinstance(tensor, Tensor):
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
-        return tensor
+        return self._all_reduce(tensor, group, reduce_op)
 
     # ------------------------------------------------------------------ checkpoints
-    @property
-    def state_dict_type(self) -> StateDictType:
-        """``"sharded"`` (distributed-checkpoint directory, each shard written once) or
-        ``"full"`` (one file of unsharded state dicts written by rank 0)."""
-        return self._state_dict_type
-
-    @state_dict_type.setter
-    def state_dict_type(self, value: StateDictType) -> None:
-        self._state_dict_type = ckpt._validate_type(value)
-
     def get_module_state_dict(self, module: nn.Module) -> dict[str, Any]:
-        return ckpt.model_state_dict(module, full=self._state_dict_type == "full")
+        return model_state_dict(module, full=self._full)
 
     def load_module_state_dict(
         self, module: nn.Module, state_dict: dict[str, Any], strict: bool = True
     ) -> None:
         full = not any(isinstance(v, DTensor) for v in state_dict.values())
-        ckpt.set_model_state(module, state_dict, full=full, strict=strict)
+        set_model_state(module, state_dict, full=full, strict=strict)
 
     def get_optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        module = self._module_of(optimizer)
-        return ckpt.optimizer_state_dict(module, optimizer, full=self._state_dict_type == "full")
-
-    def _module_of(self, optimizer: Optimizer) -> nn.Module:
-        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for module in self._modules:
-            if any(id(p) in ids for p in module.parameters()):
-                return module
-        raise ValueError("The optimizer's parameters belong to no module set up with MiCS.")
+        module = module_of(optimizer, self._modules)
+        return optimizer_state_dict(module, optimizer, full=self._full)
 
     def save_checkpoint(
         self,
@@ -245,36 +199,15 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
     ) -> None:
         """Collective: save modules, optimizers and plain data under a temporary name and
         publish atomically once every rank has finished."""
-        if storage_options is not None:
-            raise TypeError("MiCSStrategy writes checkpoints itself and takes no storage_options.")
-        path = self.broadcast(str(path))
-        full = self._state_dict_type == "full"
-        modules = [key for key, obj in state.items() if isinstance(obj, nn.Module)]
-        if len(modules) != 1:
-            raise ValueError(
-                "Pass exactly one model in the state to save, e.g. "
-                f"fabric.save(path, {{'model': model, 'optimizer': optimizer, ...}}); got {modules}."
-            )
-        tensors: dict[str, Any] = {}
-        metadata: dict[str, Any] = {}
-        for key, obj in state.items():
-            if isinstance(obj, nn.Module):
-                _apply_filter(key, filter or {}, self.get_module_state_dict(obj), tensors)
-            elif isinstance(obj, Optimizer):
-                _apply_filter(key, filter or {}, self.get_optimizer_state(obj), tensors)
-            else:
-                value = obj.state_dict() if isinstance(obj, _Stateful) else obj
-                _apply_filter(key, filter or {}, value, metadata)
-        if full:
-            ckpt.save_full(path, {**tensors, **metadata})
-        else:
-            topology = self.mics.topology
-            info = {
-                "partition_size": topology.partition_size,
-                "replication_size": topology.replication_size,
-                "ranks_per_node": topology.ranks_per_node,
-            }
-            ckpt.save_sharded(path, tensors, metadata, model_key=modules[0], info=info)
+        path = self._checkpoint_path(path, storage_options)
+        ckpt.save(
+            path,
+            state,
+            full=self._full,
+            info=self._checkpoint_info(),
+            filter=filter,
+            modules=self._modules,
+        )
 
     def load_checkpoint(
         self,
@@ -289,84 +222,11 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
         if isinstance(state, nn.Module):  # fabric.load_raw: a full model file
             ckpt.load_model_weights(state, path, strict=strict)
             return {}
-        if isinstance(state, Optimizer):
-            checkpoint = ckpt.load_full(ckpt.resolve_checkpoint(path)[0])
-            ckpt.set_optimizer_state(self._module_of(state), state, checkpoint, full=True)
+        if isinstance(state, Optimizer):  # fabric.load_raw: a full optimizer state dict
+            optimizer_state = ckpt.load(path)
+            set_optimizer_state(module_of(state, self._modules), state, optimizer_state, full=True)
             return {}
-        resolved, kind = ckpt.resolve_checkpoint(path)
-        targets = state or {}
-        modules = {k: v for k, v in targets.items() if isinstance(v, nn.Module)}
-        optimizers = {k: v for k, v in targets.items() if isinstance(v, Optimizer)}
-        if kind == "full":
-            checkpoint = ckpt.load_full(resolved)
-            if state is None:
-                return checkpoint
-            for key, module in modules.items():
-                state_dict = self._pop(checkpoint, key, resolved, strict)
-                if state_dict is not None:
-                    ckpt.set_model_state(module, state_dict, full=True, strict=strict)
-            for key, optimizer in optimizers.items():
-                optim_state = self._pop(checkpoint, key, resolved, strict)
-                if optim_state is not None:
-                    ckpt.set_optimizer_state(
-                        self._module_of(optimizer), optimizer, optim_state, full=True
-                    )
-            metadata = checkpoint
-        else:
-            if state is None:
-                raise ValueError(
-                    f"{resolved} is a sharded checkpoint: pass the objects to load into, e.g. "
-                    "fabric.load(path, {'model': model, 'optimizer': optimizer})."
-                )
-            keys = ckpt.checkpoint_keys(resolved)
-            tensors: dict[str, Any] = {}
-            for key, module in modules.items():
-                if self._present(key, keys, resolved, strict):
-                    tensors[key] = ckpt.model_state_dict(module)
-            for key, optimizer in optimizers.items():
-                if self._present(key, keys, resolved, strict):
-                    tensors[key] = ckpt.optimizer_state_dict(self._module_of(optimizer), optimizer)
-            metadata = ckpt.load_sharded(resolved, tensors, strict=strict)
-            for key, module in modules.items():
-                if key in tensors:
-                    ckpt.set_model_state(module, tensors[key], full=False, strict=strict)
-            for key, optimizer in optimizers.items():
-                if key in tensors:
-                    ckpt.set_optimizer_state(
-                        self._module_of(optimizer), optimizer, tensors[key], full=False
-                    )
-        for key in targets.keys() - modules.keys() - optimizers.keys():
-            if key in metadata:
-                # As Lightning's own strategies do: an object with `load_state_dict` (LR
-                # scheduler, precision plugin, user object) is restored in place; a plain
-                # value is written into the state dict.
-                target = targets[key]
-                if isinstance(target, _Stateful):
-                    target.load_state_dict(metadata.pop(key))
-                else:
-                    state[key] = metadata.pop(key)  # type: ignore[index]
-            elif strict:
-                raise KeyError(
-                    f"The requested state contains a key {key!r} that does not exist in the "
-                    f"checkpoint {resolved}. To disable strict loading, set strict=False."
-                )
-        return metadata
-
-    @staticmethod
-    def _present(key: str, keys: set[str], path: Any, strict: bool) -> bool:
-        if key in keys:
-            return True
-        if strict:
-            raise KeyError(f"Checkpoint {path} has no entry {key!r} (has {sorted(keys)}).")
-        return False
-
-    @staticmethod
-    def _pop(checkpoint: dict[str, Any], key: str, path: Any, strict: bool) -> Any:
-        if key in checkpoint:
-            return checkpoint.pop(key)
-        if strict:
-            raise KeyError(f"Checkpoint {path} has no entry {key!r} (has {sorted(checkpoint)}).")
-        return None
+        return ckpt.load(path, state, strict=strict, modules=self._modules)
 
     def teardown(self) -> None:
         self._modules.clear()

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Generator, Mapping
 from contextlib import contextmanager, nullcontext
-from datetime import timedelta
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized,
-    _sync_ddp_if_available,
-)
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import ReduceOp
 from lightning.pytorch import LightningModule, Trainer
@@ -29,13 +22,32 @@ from torch.optim import Optimizer
 
 from lightning_mics import checkpoint as ckpt
 from lightning_mics._lightning import MiCSParallelMixin
-from lightning_mics.checkpoint import StateDictType
-from lightning_mics.config import MiCSConfig
-from lightning_mics.runtime import MiCSRuntime
+from lightning_mics.checkpoint import StateDict
+from lightning_mics.checkpoint.state_dicts import (
+    model_state_dict,
+    optimizer_state_dict,
+    set_model_state,
+    set_optimizer_state,
+)
+from lightning_mics.pytorch.requeue import DeferredRequeue
+from lightning_mics.pytorch.rng import RNG_KEY, gather_rng_states, set_rng_state, this_ranks_state
 
-#: Checkpoint entries of our own: every rank's RNG states; "state dicts are sharded".
-_RNG_KEY = "mics_rng_states"
+#: Checkpoint entry of our own, set on loading: "the state dicts are sharded".
 _SHARDED_KEY = "mics_sharded"
+
+
+def _redirected_step(method: str, context: str) -> Callable[..., STEP_OUTPUT]:
+    """The strategy's ``method`` (``"training_step"``, ...): the LightningModule's, run
+    under the precision plugin's ``context`` through the module's ``__call__``."""
+
+    def step(self: MiCSStrategy, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        with getattr(self.precision_plugin, context)():
+            return self._forward_redirection(
+                self.model, self.lightning_module, method, *args, **kwargs
+            )
+
+    step.__name__ = step.__qualname__ = method
+    return step
 
 
 class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
@@ -48,40 +60,13 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
     """
 
     _launcher_cls = _SubprocessScriptLauncher
+    _precision_arg = "precision_plugin"
 
-    def __init__(
-        self,
-        config: MiCSConfig | None = None,
-        *,
-        process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
-        accelerator: Any | None = None,
-        parallel_devices: list[torch.device] | None = None,
-        cluster_environment: Any | None = None,
-        checkpoint_io: Any | None = None,
-        precision_plugin: Any | None = None,
-        state_dict_type: StateDictType = "sharded",
-        **options: Any,
-    ) -> None:
-        """``options`` are :class:`~lightning_mics.MiCSConfig` fields (``partition_size``,
-        ``accumulation``, ``param_dtype``, ...); alternatively pass a ready ``config``.
-        ``state_dict_type``: ``"sharded"`` (default) or ``"full"`` checkpoints."""
-        super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
-        )
-        if config is not None and options:
-            raise TypeError("Pass either a MiCSConfig or MiCS options as keywords, not both.")
-        self.mics = MiCSRuntime(config or MiCSConfig(**options))
-        self._process_group_backend = process_group_backend
-        self._timeout = timeout
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.num_nodes = 1
-        self.state_dict_type = state_dict_type
         self._rng_to_restore: dict[str, Any] | None = None
-        self._requeue_handler: Callable[[Any, Any], None] | None = None
+        self._requeue = DeferredRequeue()
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
@@ -144,29 +129,15 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
             yield
 
     # ------------------------------------------------------------------- steps
-    def _run_step(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        # NOTE: Lightning calls `training_step` & co. directly when the strategy's model
-        # is the LightningModule, which would bypass the FSDP root's hooks. Routing the
-        # call through the module's `__call__` (Lightning's forward redirection) runs
-        # them around the step; a `self(x)` inside the step is then a nested call that
-        # FSDP treats as part of the same forward.
-        return self._forward_redirection(self.model, self.lightning_module, method, *args, **kwargs)
-
-    def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
-        with self.precision_plugin.train_step_context():
-            return self._run_step("training_step", *args, **kwargs)
-
-    def validation_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
-        with self.precision_plugin.val_step_context():
-            return self._run_step("validation_step", *args, **kwargs)
-
-    def test_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
-        with self.precision_plugin.test_step_context():
-            return self._run_step("test_step", *args, **kwargs)
-
-    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self.precision_plugin.predict_step_context():
-            return self._run_step("predict_step", *args, **kwargs)
+    # NOTE: Lightning calls `training_step` & co. directly when the strategy's model is
+    # the LightningModule, which would bypass the FSDP root's hooks. Routing the call
+    # through the module's `__call__` (Lightning's forward redirection) runs them around
+    # the step; a `self(x)` inside the step is then a nested call that FSDP treats as part
+    # of the same forward.
+    training_step = _redirected_step("training_step", "train_step_context")
+    validation_step = _redirected_step("validation_step", "val_step_context")
+    test_step = _redirected_step("test_step", "test_step_context")
+    predict_step = _redirected_step("predict_step", "predict_step_context")
 
     # ------------------------------------------------------- gradient accumulation
     @contextmanager
@@ -203,25 +174,9 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
         group: Any | None = None,
         reduce_op: ReduceOp | str | None = "mean",
     ) -> Tensor | Any:
-        if isinstance(tensor, Tensor):
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
-        return tensor
+        return self._all_reduce(tensor, group, reduce_op)
 
     # ------------------------------------------------------------------ checkpoints
-    @property
-    def state_dict_type(self) -> StateDictType:
-        """``"sharded"``: checkpoints are distributed-checkpoint directories (each shard
-        written once); ``"full"``: one file with unsharded state dicts, written by rank 0."""
-        return self._state_dict_type
-
-    @state_dict_type.setter
-    def state_dict_type(self, value: StateDictType) -> None:
-        self._state_dict_type = ckpt._validate_type(value)
-
-    @property
-    def _full(self) -> bool:
-        return self._state_dict_type == "full"
-
     def _reshard(self) -> None:
         if isinstance(self.model, FSDPModule):
             self.mics.reshard(self.model)
@@ -230,20 +185,18 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
         """Keyed like the LightningModule's own state dict (no wrapper prefix): DTensor
         shards (sharded) or unsharded CPU tensors on rank 0 (full; collective)."""
         self._reshard()
-        return ckpt.model_state_dict(self.lightning_module, full=self._full)
+        return model_state_dict(self.lightning_module, full=self._full)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         self._reshard()
         full = not checkpoint.get(_SHARDED_KEY, False)
-        ckpt.set_model_state(
-            self.lightning_module, checkpoint["state_dict"], full=full, strict=strict
-        )
+        set_model_state(self.lightning_module, checkpoint["state_dict"], full=full, strict=strict)
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
         self._reshard()
-        return ckpt.optimizer_state_dict(self.lightning_module, optimizer, full=self._full)
+        return optimizer_state_dict(self.lightning_module, optimizer, full=self._full)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         self._reshard()
@@ -251,27 +204,25 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             if isinstance(optimizer, LightningOptimizer):
                 optimizer = optimizer._optimizer
-            ckpt.set_optimizer_state(self.lightning_module, optimizer, state, full=full)
+            set_optimizer_state(self.lightning_module, optimizer, state, full=full)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
         """Collective: write ``checkpoint`` under a temporary name and publish it
         atomically once every rank has finished (see :mod:`lightning_mics.checkpoint`)."""
-        if storage_options is not None:
-            raise TypeError("MiCSStrategy writes checkpoints itself and takes no storage_options.")
-        path = self.broadcast(str(filepath))
+        path = self._checkpoint_path(filepath, storage_options)
         self._warn_if_mid_accumulation_window()
-        checkpoint = dict(checkpoint)
-        checkpoint[_RNG_KEY] = ckpt.gather_rng_states()
-        if self._full:
-            ckpt.save_full(path, checkpoint)
-            return
-        tensors = {"state_dict": checkpoint.pop("state_dict")}
-        for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
-            tensors[f"optimizer_{i}"] = state
-        ckpt.save_sharded(
-            path, tensors, checkpoint, model_key="state_dict", info=self._topology_info()
+        state = {**checkpoint, RNG_KEY: gather_rng_states()}
+        if not self._full:
+            # NOTE: Lightning hands over the state dicts it took; a sharded checkpoint
+            # stores them with the tensors, one entry per optimizer (as Lightning's own
+            # ModelParallelStrategy does), and the rest as plain data.
+            state["state_dict"] = StateDict(state["state_dict"])
+            for i, optimizer_state in enumerate(state.pop("optimizer_states", [])):
+                state[f"optimizer_{i}"] = StateDict(optimizer_state)
+        ckpt.save(
+            path, state, full=self._full, info=self._checkpoint_info(), model_key="state_dict"
         )
 
     def load_checkpoint(
@@ -280,46 +231,39 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
         """Collective: read a checkpoint of either format, saved under any topology.
 
         ``checkpoint_path`` may also be a directory of checkpoints: its newest complete
-        one is loaded. Files are read with ``weights_only=True`` whatever is passed.
+        one is loaded. Files are read with ``weights_only=True`` whatever is passed. The
+        state dicts are applied afterwards, by Lightning's calls of
+        `load_model_state_dict` and `load_optimizer_state_dict`.
         """
         path, kind = ckpt.resolve_checkpoint(self.broadcast(str(checkpoint_path)))
         self._reshard()
         if kind == "full":
-            checkpoint = ckpt.load_full(path)
+            checkpoint = ckpt.load(path)
         else:
             module = self.lightning_module
-            keys = ckpt.checkpoint_keys(path)
-            tensors: dict[str, Any] = {"state_dict": ckpt.model_state_dict(module)}
+            state: dict[str, Any] = {"state_dict": StateDict(model_state_dict(module))}
             optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
-            fitting = module.trainer is not None and module.trainer.state.fn == TrainerFn.FITTING
             names = [f"optimizer_{i}" for i in range(len(optimizers))]
-            if fitting and all(name in keys for name in names):
-                for name, optimizer in zip(names, optimizers, strict=True):
-                    tensors[name] = ckpt.optimizer_state_dict(module, optimizer)
-            else:
+            fitting = module.trainer is not None and module.trainer.state.fn == TrainerFn.FITTING
+            if not (fitting and set(names) <= ckpt.checkpoint_keys(path)):
                 names = []
-            checkpoint = ckpt.load_sharded(path, tensors, strict=module.strict_loading)
-            checkpoint["state_dict"] = tensors["state_dict"]
+            for name, optimizer in zip(names, optimizers, strict=False):
+                state[name] = StateDict(optimizer_state_dict(module, optimizer))
+            checkpoint = ckpt.load(path, state, strict=module.strict_loading)
+            checkpoint["state_dict"] = state["state_dict"]
             if names:
-                checkpoint["optimizer_states"] = [tensors[name] for name in names]
+                checkpoint["optimizer_states"] = [state[name] for name in names]
             checkpoint[_SHARDED_KEY] = True
-        states = checkpoint.pop(_RNG_KEY, None)
+        # Restored right before the next batch (see `on_train_batch_start`).
         world = self.num_nodes * self.num_processes
-        # Exact only under the same world size; restored right before the next batch.
-        self._rng_to_restore = states[self.global_rank] if states and len(states) == world else None
+        self._rng_to_restore = this_ranks_state(
+            checkpoint.pop(RNG_KEY, None), self.global_rank, world
+        )
         return checkpoint
 
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.is_global_zero:
             ckpt.remove_checkpoint(filepath)
-
-    def _topology_info(self) -> dict[str, Any]:
-        topology = self.mics.topology
-        return {
-            "partition_size": topology.partition_size,
-            "replication_size": topology.replication_size,
-            "ranks_per_node": topology.ranks_per_node,
-        }
 
     def _warn_if_mid_accumulation_window(self) -> None:
         trainer = self.lightning_module.trainer if self._lightning_module is not None else None
@@ -342,7 +286,7 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
     # ------------------------------------------------ resume: RNG and Slurm requeue
     def on_train_start(self) -> None:
         super().on_train_start()
-        self._defer_requeue_signal()
+        self._requeue.install(self.lightning_module.trainer, self.cluster_environment)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
@@ -350,47 +294,9 @@ class MiCSStrategy(MiCSParallelMixin, ParallelStrategy):
             # NOTE: restored here, not at load time: Lightning draws from the global RNG
             # when it creates the dataloader iterator after loading, which the
             # uninterrupted run did not do at this point.
-            ckpt.set_rng_state(self._rng_to_restore)
+            set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
-        if self._requeue_handler is not None:
-            self._maybe_run_requeue()
-
-    def _defer_requeue_signal(self) -> None:
-        """Under Slurm auto-requeue, make the requeue signal only set a flag.
-
-        NOTE: Lightning's handler saves ``hpc_ckpt_<n>.ckpt`` inside the signal handler,
-        wherever each rank happens to be; a sharded save is collective, so ranks
-        interrupted at different points would deadlock or mix collectives. Instead the
-        ranks agree at the next batch boundary (one small all-reduce per batch, only
-        under Slurm auto-requeue) and run Lightning's handler there together.
-        """
-        import signal
-
-        from lightning.fabric.plugins.environments import SLURMEnvironment
-
-        env = self.cluster_environment
-        self._requeue_handler = None
-        if not isinstance(env, SLURMEnvironment) or not env.auto_requeue or os.name == "nt":
-            return
-        trainer = self.lightning_module.trainer
-        signum = env.requeue_signal or signal.SIGUSR1
-        self._requeue_signum = signum
-        self._requeue_requested = False
-        self._requeue_handler = trainer._signal_connector._slurm_sigusr_handler_fn
-
-        def request(signum: int, frame: Any) -> None:
-            self._requeue_requested = True
-
-        signal.signal(signum, request)
-
-    def _maybe_run_requeue(self) -> None:
-        flag = torch.tensor([1.0 if self._requeue_requested else 0.0], device=self.root_device)
-        if _distributed_is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() > 0:
-            self._requeue_requested = False
-            assert self._requeue_handler is not None
-            self._requeue_handler(self._requeue_signum, None)
+        self._requeue.at_batch_boundary()
 
     def teardown(self) -> None:
         # NOTE: unlike `Strategy.teardown`, neither `lightning_module.cpu()` nor moving

@@ -8,10 +8,10 @@ import os
 from dataclasses import replace
 
 import torch
-from lightning.pytorch import LightningModule
 
 from recipes.gpt import GPT
 from tests.scripts import common
+from tests.scripts.lit import LitGPT as _LitGPT
 
 #: The tiny GPT with dropout: every training step draws from the global RNG.
 CONFIG = replace(common.TINY, dropout=0.1)
@@ -52,19 +52,13 @@ class ResumableLoader:
         self.skip = 0
 
 
-class LitGPT(LightningModule):
+class LitGPT(_LitGPT):
+    """The shared LitGPT with dropout, AdamW + StepLR, and a resumable loader."""
+
     def __init__(self, loader: ResumableLoader | None = None, seed: int = 0) -> None:
-        super().__init__()
-        self.model = make_model(seed)
-        self.losses: list[float] = []
+        super().__init__(make_model(seed))
         self.loader = loader
         self.batches_skipped = 0
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = GPT.loss(self.model(x), y)
-        self.losses.append(loss.item())
-        return loss
 
     def configure_optimizers(self):
         optimizer = make_optimizer(self.parameters())

@@ -25,12 +25,8 @@ from torch.distributed.fsdp import FSDPModule
 
 from lightning_mics import MiCSConfig, MiCSTopology, apply_mics, micro_step
 from lightning_mics.accounting import comm_stats
-from lightning_mics.collectives import (
-    HierarchicalAllGather,
-    HierarchicalReduceScatter,
-    get_hierarchical_groups,
-)
-from lightning_mics.runtime import get_device_mesh
+from lightning_mics.collectives import HierarchicalAllGather, HierarchicalReduceScatter
+from lightning_mics.process_groups import get_device_mesh, get_hierarchical_groups
 from lightning_mics.topology import MiCSTopologyError
 from recipes.gpt import GPT
 from tests.scripts import common

@@ -17,6 +17,7 @@ import lightning_mics  # registers "mics"
 from lightning_mics import checkpoint as ckpt
 from recipes.gpt import GPT
 from tests.scripts import common
+from tests.scripts.lit import LitGPT
 
 
 class RandomDataset(Dataset):
@@ -82,20 +83,12 @@ class BoringModel(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-class MetaInitGPT(LightningModule):
+class MetaInitGPT(LitGPT):
     """Created under ``trainer.init_module(empty_init=True)``: parameters start on meta."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.model = GPT(common.TINY)
-        self.losses: list[float] = []
+        super().__init__(GPT(common.TINY))
         self.started_on_meta = all(p.is_meta for p in self.parameters())
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = GPT.loss(self.model(x), y)
-        self.losses.append(loss.item())
-        return loss
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -127,9 +120,9 @@ class FailingConfigureModel(BoringModel):
     meshes_during_run = -1
 
     def configure_model(self) -> None:
-        from lightning_mics import runtime
+        from lightning_mics import process_groups
 
-        FailingConfigureModel.meshes_during_run = len(runtime._MESHES)
+        FailingConfigureModel.meshes_during_run = len(process_groups._MESHES)
         raise RuntimeError("configure_model failed on purpose")
 
 
@@ -237,9 +230,9 @@ def main() -> None:
     }
 
     # 4. Teardown of a run that failed before sharding destroys the groups it created.
-    from lightning_mics import runtime
+    from lightning_mics import process_groups
 
-    before = set(runtime._MESHES)
+    before = set(process_groups._MESHES)
     t4 = trainer(
         strategy=lightning_mics.MiCSStrategy(partition_size=1, ranks_per_node=2), max_steps=1
     )
@@ -250,7 +243,7 @@ def main() -> None:
         failed = True
     out["teardown"] = {
         "failed": failed,
-        "meshes_unchanged": set(runtime._MESHES) == before,
+        "meshes_unchanged": set(process_groups._MESHES) == before,
         "kept_meshes_of_sharded_models": len(before),
         "meshes_during_failed_run": FailingConfigureModel.meshes_during_run,
     }
