@@ -7,6 +7,9 @@ into the unsharded model with ``load_state_dict(strict=True)``. With ``--submodu
 model``, only the submodule ``model`` is written, under its own parameter names, so it
 loads into the bare network (e.g. a Hugging Face model a LightningModule holds as
 ``self.model``). Runs in one process, without a process group.
+
+``lightning-mics plan --model gpt_100b --cluster p4d_24xlarge --nodes 64`` chooses a
+partition size and predicts the run (`lightning_mics.planner.cli`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import sys
 
 from lightning_mics.checkpoint import CheckpointError, consolidate_checkpoint
+from lightning_mics.planner.cli import add_plan_parser, run_plan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         help="write only this submodule (dotted attribute path, e.g. 'model'), with its "
         "prefix removed from the names, so it loads into the bare submodule",
     )
+    add_plan_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        return run_plan(args)
     try:
         state = consolidate_checkpoint(
             args.checkpoint,

@@ -405,6 +405,26 @@ def _check_data(cfg: DictConfig) -> None:
             )
 
 
+def resolve_partition_size(cfg: DictConfig) -> str | None:
+    """``strategy=mics strategy.partition_size=auto``: the planner's choice, the smallest
+    partition whose memory fits a GPU for this run (`lightning_mics.planner`), written into
+    the config and logged. Pure arithmetic, so every rank resolves it alike. Returns the
+    explanation (``None`` when there is nothing to resolve)."""
+    if cfg.strategy.get("name") != "mics" or cfg.strategy.get("partition_size") != "auto":
+        return None
+    from lightning.fabric.utilities.rank_zero import rank_zero_info
+
+    from lightning_mics.planner.configs import choose_partition_size
+
+    try:
+        partition_size, why, _ = choose_partition_size(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    cfg.strategy.partition_size = partition_size
+    rank_zero_info(f"strategy.partition_size=auto -> {partition_size}: {why}")
+    return why
+
+
 def validate_config(cfg: DictConfig) -> Plan:
     """Check a composed config before anything is launched; return its `Plan`.
 
@@ -426,6 +446,7 @@ def validate_config(cfg: DictConfig) -> Plan:
         )
     _positive_int(cfg, "model.vocab_size")
     _check_data(cfg)
+    resolve_partition_size(cfg)
     _check_strategy(cfg)
 
     cluster = cfg.cluster

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from recipes.config import resolve_partition_size
 from recipes.slurm.render import (
     DEFAULT_SIGNAL_LEAD_S,
     REPO,
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = compose(overrides)
+        resolve_partition_size(cfg)  # strategy.partition_size=auto: the planner's choice
         slurm_plan = plan(cfg, options)
         validate_training_config(cfg)
         out = args.out or slurm_log_dir(cfg, options) / f"{slurm_plan.job_name}.sbatch"
