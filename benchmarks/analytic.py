@@ -33,6 +33,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from lightning_mics.topology import MiCSTopology
+
 ELEMENT_BYTES = 4  # fp32 parameters and gradients throughout the benchmark
 
 #: Accumulation modes (the values of ``lightning_mics.AccumulationMode``).
@@ -77,19 +79,22 @@ class Layout:
         return self.nodes * self.ranks_per_node
 
     @property
+    def topology(self) -> MiCSTopology:
+        """The package's own layout arithmetic (validated: a bad layout raises)."""
+        return MiCSTopology.create(self.world_size, self.ranks_per_node, self.partition_size)
+
+    @property
     def replication_size(self) -> int:
-        return self.world_size // self.partition_size
+        return self.topology.replication_size
 
     def node_of(self, rank: int) -> int:
-        return rank // self.ranks_per_node
+        return self.topology.node_index(rank)
 
     def partition_groups(self) -> list[list[int]]:
-        p = self.partition_size
-        return [list(range(i * p, (i + 1) * p)) for i in range(self.replication_size)]
+        return self.topology.partition_groups()
 
     def replication_groups(self) -> list[list[int]]:
-        p = self.partition_size
-        return [list(range(j, self.world_size, p)) for j in range(p)]
+        return self.topology.replication_groups()
 
     def inter_node_groups(self) -> list[list[int]]:
         """The hierarchical stage-1 groups: per partition and local index, the ranks of
