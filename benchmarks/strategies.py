@@ -114,9 +114,8 @@ IMPLEMENTATION = {
     "mics": "lightning_mics.apply_mics(partition_size, hierarchical) + micro_step(mode=two_hop)",
 }
 OVERLAP_IMPLEMENTATION = (
-    "; plus FSDP2 async unshard (_set_unshard_async_op(True)) with explicit forward "
-    "prefetch of the next block, and for hier the deferred-stage all-gather prototype "
-    "(benchmarks.async_stages.DeferredStageAllGather)"
+    "; plus MiCSConfig(forward_prefetch=True): FSDP2 async unshard with explicit forward "
+    "prefetch of the next block (hier: inter-node stage async, intra-node stage in wait())"
 )
 
 
@@ -171,8 +170,8 @@ def plan_runs(
     """The runs of one cluster shape, in interleaving order. ``span_partitions``:
     partition sizes spanning nodes for the ``mics`` flat/hierarchical pair (default:
     two nodes' worth of ranks). ``overlap`` adds, per spanning partition, the flat and
-    hierarchical layouts with asynchronous unshard + prefetching
-    (`benchmarks.async_stages`)."""
+    hierarchical layouts with ``MiCSConfig(forward_prefetch=True)`` (asynchronous
+    unshard, one block ahead)."""
     k, world = ranks_per_node, nodes * ranks_per_node
     if span_partitions is None:
         span_partitions = [2 * k] if nodes >= 2 and k >= 2 else []
@@ -780,8 +779,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strategies", type=_csv(str), default=None,
                    help="subset of ddp,fsdp,hsdp,mics")  # fmt: skip
     p.add_argument("--overlap", action="store_true",
-                   help="also run the spanning partitions with async unshard + prefetch "
-                   "(benchmarks.async_stages prototype)")  # fmt: skip
+                   help="also run the spanning partitions with forward_prefetch=True "
+                   "(async unshard, one block ahead)")  # fmt: skip
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--tag", default=None, help="results file suffix (default <N>x<K>)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per launch")

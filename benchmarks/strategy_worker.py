@@ -109,14 +109,11 @@ def build(run: dict[str, Any], model_config: GPTConfig, lr: float) -> Built:
         topology = MiCSTopology.create(
             world, ranks_per_node=k, partition_size=run["partition_size"]
         )
-        config = MiCSConfig(hierarchical=bool(run["hierarchical"]))
+        config = MiCSConfig(
+            hierarchical=bool(run["hierarchical"]), forward_prefetch=bool(run.get("overlap"))
+        )
         model = apply_mics(net, topology, config, device=torch.device("cpu"))
         stats = comm_stats(model)
-        if run.get("overlap"):
-            # benchmark-only prototype (FSDP2 private API): async unshard + prefetch
-            from benchmarks.async_stages import enable_async_unshard
-
-            enable_async_unshard(model, list(net.transformer.h), bool(run["hierarchical"]))
     else:
         raise ValueError(f"unknown layout {kind!r}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)

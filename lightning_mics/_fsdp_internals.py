@@ -11,6 +11,8 @@ everything MiCS needs. The rest is reached through this module only:
   ``_training_state``, ``fsdp_params`` with ``unsharded_accumulated_grad`` and
   ``_unsharded_param``): ``flush_pending_gradients`` finishes a gradient reduction that
   FSDP parked, which no public API can do;
+- ``FSDPModule._set_unshard_async_op`` (asynchronous pre-forward/pre-backward unshard,
+  for `MiCSConfig.forward_prefetch`);
 - ``DeviceMesh._flatten`` (one process group over a whole 2-D mesh);
 - composable activation checkpointing (``torch.distributed._composable.checkpoint``);
 - the default process group's timeout and the backend options that pass it on to new
@@ -95,6 +97,8 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement(f"{_FSDP}._fsdp_param_group:FSDPParamGroup", "_training_state", "instance"),
     Requirement(f"{_FSDP}._fsdp_param:FSDPParam", "unsharded_accumulated_grad", "instance"),
     Requirement(f"{_FSDP}._fsdp_param:FSDPParam", "_unsharded_param", "instance"),
+    # forward prefetching
+    Requirement("torch.distributed.fsdp:FSDPModule", "_set_unshard_async_op"),
     # meshes, activation checkpointing, process-group timeouts
     Requirement("torch.distributed.device_mesh:DeviceMesh", "_flatten"),
     Requirement("torch.distributed._composable", "checkpoint"),
@@ -263,6 +267,12 @@ def finalize_backward(group: Any) -> None:
     group.finalize_backward()
 
 
+def set_unshard_async_op(module: FSDPModule, async_op: bool) -> None:
+    """Make every pre-forward and pre-backward unshard of ``module`` and its FSDP
+    descendants use ``async_op`` (FSDP2 has no public setter)."""
+    module._set_unshard_async_op(async_op)
+
+
 # ------------------------------------------------------------------------ meshes, AC
 def flat_group(mesh: DeviceMesh) -> dist.ProcessGroup:
     """One process group over every rank of ``mesh``."""
@@ -346,5 +356,6 @@ __all__ = [
     "run_post_backward",
     "set_element",
     "set_reduce_scatter_unused_params",
+    "set_unshard_async_op",
     "written_tensors",
 ]

@@ -5,7 +5,7 @@ splits each partition-group collective in two stages (MiCS paper, Sec. 3.3):
 
 - all-gather: an *inter-node* all-gather among the ``n`` ranks of the partition that
   share a local index (all ``k`` local indices in parallel), then an *intra-node*
-  all-gather, written straight into partition-rank order;
+  all-gather into partition-rank order;
 - reduce-scatter (not in the paper or DeepSpeed): an intra-node reduce-scatter, then an
   inter-node one among the ranks with the same local index.
 
@@ -23,26 +23,41 @@ FSDP2 contract (torch 2.13, ``_fsdp_collectives.py``) that these objects follow:
 groups are gathered as bytes), so nothing here depends on the dtype; the group FSDP
 passes may be the smaller post-forward group when ``reshard_after_forward`` is an int,
 and then the flat collective runs; a returned object that is not a ``dist.Work`` is
-never waited on, so the stages run synchronously (stream-ordered on accelerators) and
-``None`` is returned.
+never waited on. The reduce-scatter is always called with ``async_op=False``; the
+all-gather with ``async_op=True`` when the unshard is asynchronous (the public
+``FSDPModule.unshard(async_op=True)`` that explicit prefetching uses, or every
+pre-forward/pre-backward unshard with `MiCSConfig.forward_prefetch`), and then FSDP
+calls the returned ``Work``'s ``wait()`` right before the parameters are used.
 
-NOTE (streams): FSDP calls the comm inside its all-gather / reduce-scatter stream; each
-stage is a blocking-style (``async_op=False``) collective, which on NCCL makes that
-stream wait for the collective, so the stages, the stage buffer's reuse by the caching
-allocator and FSDP's completion event are all ordered on that stream.
+Asynchronous all-gather: stage 1 (the slow inter-node one) is issued with
+``async_op=True`` and a `StagedWork` is returned whose ``wait()`` waits for it and then
+runs stage 2 (the fast intra-node all-gathers). So the inter-node transfer overlaps
+whatever runs before FSDP waits, exactly like FSDP's flat asynchronous all-gather.
+NOTE: every stage is issued from the calling thread, in program order; all ranks run
+the same FSDP program, so they issue the same sequence of collectives on each sub-group
+(a helper thread issuing stage 2 could interleave differently with a reduce-scatter's
+stages on the same groups on different ranks, and hang).
+
+NOTE (streams): with ``async_op=False`` FSDP calls the comm inside its all-gather /
+reduce-scatter stream; each stage is a blocking-style collective, which on NCCL makes
+that stream wait for the collective (the CPU does not wait), so the stages, the stage
+buffer's reuse by the caching allocator and FSDP's completion event are all ordered on
+that stream. With ``async_op=True`` FSDP issues on the current stream; ``Work.wait()``
+makes the current stream wait for stage 1 and stage 2 is then ordered on it.
 
 Accounting: with a `CommStats` attached (``attach_stats``, done by
 `~lightning_mics.accounting.install_comm_stats`), every stage is recorded on its own,
 with its own buffer's logical bytes and the reach of its own group. Per all-gather of
 a ``p*c`` buffer: one inter-node entry of ``n*c`` bytes (``1/k`` of the flat figure,
-which counts the whole buffer as inter-node) and ``n`` intra-node entries of ``k*c``;
-reduce-scatters mirror this. Of an inter-node entry, ``(n-1)/n`` arrives from other
+which counts the whole buffer as inter-node) and intra-node entries totalling ``p*c``:
+one of ``p*c`` when the stage is batched, else ``n`` of ``k*c`` (see
+`~lightning_mics.topology.intra_stage_calls`); reduce-scatters mirror this. Of an inter-node entry, ``(n-1)/n`` arrives from other
 nodes, so a node of ``k`` ranks takes in ``(p-k)*c``: the ``(p-k)/p`` of the paper.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -53,7 +68,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from lightning_mics._fsdp_internals import AllGather, ReduceScatter
 from lightning_mics.process_groups import HierarchicalGroups, get_hierarchical_groups
-from lightning_mics.topology import MiCSTopology
+from lightning_mics.topology import MiCSTopology, intra_stage_calls
 
 # NOTE: `all_gather_into_tensor` / `reduce_scatter_tensor` are deprecated in favour of the
 # `*_single` names (what FSDP's defaults call); fall back on torch versions without them.
@@ -109,6 +124,26 @@ def _stage_ops(op: Any, backend: str) -> tuple[Any, Any, bool]:
     return op, op, False
 
 
+class StagedWork(dist.Work):
+    """The ``dist.Work`` of a collective run in two stages: ``wait()`` waits for the
+    first stage's work, then runs the second stage (once), on the calling thread."""
+
+    def __init__(self, first: dist.Work, then: Callable[[], None]) -> None:
+        super().__init__()
+        self._first: dist.Work | None = first
+        self._then = then
+
+    def wait(self, timeout: Any = None) -> bool:
+        if self._first is not None:
+            first, self._first = self._first, None
+            first.wait()
+            self._then()
+        return True
+
+    def is_completed(self) -> bool:
+        return self._first is None
+
+
 class _Recorder:
     """Optional recording of every collective into a `CommStats` (see `accounting`)."""
 
@@ -153,12 +188,14 @@ class RecordingAllGather(_Recorder, AllGather):
         async_op: bool = False,
     ) -> dist.Work | None:
         if self.in_stages(group):
-            return self.gather_in_stages(output_tensor, input_tensor)
+            return self.gather_in_stages(output_tensor, input_tensor, async_op)
         self.flat_calls += 1
         self._record("all_gather", output_tensor, group)
         return all_gather_single(output_tensor, input_tensor, group=group, async_op=async_op)
 
-    def gather_in_stages(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor) -> None:
+    def gather_in_stages(
+        self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, async_op: bool
+    ) -> dist.Work | None:
         raise NotImplementedError
 
 
@@ -217,20 +254,23 @@ class HierarchicalAllGather(_HierarchicalComm, RecordingAllGather):
 
     Stage 1 (inter-node): rank ``(m, l)`` gathers chunk ``(m', l)`` of every node ``m'``
     of its partition from the ``n`` ranks with local index ``l`` into a small buffer
-    ``stage[m']``. Stage 2 (intra-node): for each node ``m'``, the ``k`` ranks of this node
-    all-gather ``stage[m']`` straight into the output slots ``[m'*k, (m'+1)*k)``, which
-    are contiguous and already in partition-rank order, so no reorder pass is needed.
+    ``stage[m']``. Stage 2 (intra-node): the ``k`` ranks of this node all-gather
+    ``stage``; the output wants partition-rank order ``[m'][l]``, the collective yields
+    ``[l][m']``. Up to `~lightning_mics.topology.BATCHED_INTRA_STAGE_MAX_BYTES` of output
+    that is one all-gather into a full-size temporary plus one strided copy; above it,
+    one all-gather per node ``m'`` of ``stage[m']`` straight into the output slots
+    ``[m'*k, (m'+1)*k)`` (contiguous and already in order).
 
-    NOTE (memory): the only temporary is ``stage``, ``n * c`` elements (``c`` = chunk,
-    ``n`` = nodes per partition), i.e. ``1/k`` of the gathered size. The alternative, one
-    intra-node all-gather of the whole ``stage`` into a ``[k][n]``-ordered buffer, needs a
-    full-size temporary plus a transposing copy; the price here is ``n`` intra-node calls
-    of ``k*c`` elements instead of one of ``p*c`` (same bytes, ``n-1`` more launches).
-    Gathering intra-node first would not help: every rank would then have to fetch every
-    other node's data itself, ``k`` times the inter-node traffic.
+    NOTE (memory): ``stage`` is ``n * c`` elements (``c`` = chunk), ``1/k`` of the
+    gathered size; the batched stage 2 adds a full-size temporary, only for buffers small
+    enough that the ``n - 1`` saved calls matter more (latency-bound). Gathering
+    intra-node first would not help: every rank would then have to fetch every other
+    node's data itself, ``k`` times the inter-node traffic.
     """
 
-    def gather_in_stages(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor) -> None:
+    def gather_in_stages(
+        self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, async_op: bool
+    ) -> dist.Work | None:
         chunk = input_tensor.numel()
         if output_tensor.numel() != chunk * self.p:
             raise ValueError(
@@ -239,35 +279,52 @@ class HierarchicalAllGather(_HierarchicalComm, RecordingAllGather):
             )
         if chunk == 0:  # same on every rank: no rank communicates
             return None
-        out = output_tensor.view(self.n, self.k * chunk)
-        stage = torch.empty(self.n * chunk, dtype=input_tensor.dtype, device=input_tensor.device)
+        n, k = self.n, self.k
+        dtype, device = input_tensor.dtype, input_tensor.device
+        batched = intra_stage_calls(output_tensor.numel() * output_tensor.element_size(), n) == 1
+        stage = torch.empty(n * chunk, dtype=dtype, device=device)
         inter, intra = self.groups.inter, self.groups.intra
         # NOTE: input_tensor is a view into output_tensor; the stages only read it before
         # any write to its slot (stage 1 writes `stage`; stage 2 rewrites the slot with
         # the same values, since stage[m] == input for this rank's own node m).
         self._record("all_gather", stage, inter)
-        all_gather_single(stage, input_tensor, group=inter)
-        stage = stage.view(self.n, chunk)
-        for node in range(self.n):
-            self._record("all_gather", out[node], intra)
-            all_gather_single(out[node], stage[node], group=intra)
+        first = all_gather_single(stage, input_tensor, group=inter, async_op=async_op)
+
+        def second() -> None:
+            if batched:
+                by_local = torch.empty(k * n * chunk, dtype=dtype, device=device)
+                self._record("all_gather", by_local, intra)
+                all_gather_single(by_local, stage, group=intra)
+                output_tensor.view(n, k, chunk).copy_(by_local.view(k, n, chunk).transpose(0, 1))
+                return
+            out, staged = output_tensor.view(n, k * chunk), stage.view(n, chunk)
+            for node in range(n):
+                self._record("all_gather", out[node], intra)
+                all_gather_single(out[node], staged[node], group=intra)
+
+        if async_op:
+            return StagedWork(first, second)
+        second()
         return None
 
 
 class HierarchicalReduceScatter(_HierarchicalComm, RecordingReduceScatter):
     """Two-stage reduce-scatter over a partition group that spans nodes.
 
-    Stage 1 (intra-node): for each node ``m'`` of the partition, the ``k`` ranks of this
-    node reduce-scatter input slots ``[m'*k, (m'+1)*k)`` (contiguous, rank-major over the
-    local index), so rank ``(m, l)`` holds its node's partial sum of chunk ``(m', l)`` in
-    ``stage[m']``. Stage 2 (inter-node): the ``n`` ranks with local index ``l``
-    reduce-scatter ``stage`` (rank-major over the node) into the output.
+    Stage 1 (intra-node): the ``k`` ranks of this node reduce-scatter the input so that
+    rank ``(m, l)`` holds its node's partial sum of chunk ``(m', l)`` in ``stage[m']``
+    for every node ``m'`` of the partition: up to
+    `~lightning_mics.topology.BATCHED_INTRA_STAGE_MAX_BYTES` of input, one collective
+    over a copy of the input regrouped by local index; above it, one per node ``m'`` over
+    input slots ``[m'*k, (m'+1)*k)`` (contiguous, rank-major over the local index).
+    Stage 2 (inter-node): the ``n`` ranks with local index ``l`` reduce-scatter ``stage``
+    (rank-major over the node) into the output.
 
-    NOTE (memory): one temporary of ``n * c`` elements, as in `HierarchicalAllGather`.
-    The reduce op is split across the stages by `_stage_ops` (``PREMUL_SUM`` scales
-    once, ``AVG`` averages twice or, on gloo, sums twice and divides once). The sums are
-    grouped differently from a flat reduce-scatter, so floating-point results can differ
-    in the last bits.
+    NOTE (memory): ``stage`` is ``n * c`` elements, plus a full-size temporary for the
+    batched stage 1, as in `HierarchicalAllGather`. The reduce op is split across the
+    stages by `_stage_ops` (``PREMUL_SUM`` scales once, ``AVG`` averages twice or, on
+    gloo, sums twice and divides once). The sums are grouped differently from a flat
+    reduce-scatter, so floating-point results can differ in the last bits.
     """
 
     def reduce_in_stages(
@@ -281,13 +338,19 @@ class HierarchicalReduceScatter(_HierarchicalComm, RecordingReduceScatter):
             )
         if chunk == 0:
             return None
+        n, k = self.n, self.k
         first_op, second_op, divide = _stage_ops(op, self._backend)
-        inp = input_tensor.view(self.n, self.k * chunk)
-        stage = torch.empty(self.n, chunk, dtype=output_tensor.dtype, device=output_tensor.device)
+        stage = torch.empty(n, chunk, dtype=output_tensor.dtype, device=output_tensor.device)
         inter, intra = self.groups.inter, self.groups.intra
-        for node in range(self.n):
-            self._record("reduce_scatter", inp[node], intra)
-            reduce_scatter_single(stage[node], inp[node], op=first_op, group=intra)
+        if intra_stage_calls(input_tensor.numel() * input_tensor.element_size(), n) == 1:
+            by_local = input_tensor.view(n, k, chunk).transpose(0, 1).contiguous()
+            self._record("reduce_scatter", by_local, intra)
+            reduce_scatter_single(stage.view(-1), by_local.view(-1), op=first_op, group=intra)
+        else:
+            inp = input_tensor.view(n, k * chunk)
+            for node in range(n):
+                self._record("reduce_scatter", inp[node], intra)
+                reduce_scatter_single(stage[node], inp[node], op=first_op, group=intra)
         stage = stage.view(-1)
         self._record("reduce_scatter", stage, inter)
         reduce_scatter_single(output_tensor, stage, op=second_op, group=inter)
@@ -310,6 +373,7 @@ __all__ = [
     "HierarchicalReduceScatter",
     "RecordingAllGather",
     "RecordingReduceScatter",
+    "StagedWork",
     "all_gather_single",
     "hierarchical_comms",
     "install_comms",

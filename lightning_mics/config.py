@@ -89,6 +89,17 @@ class MiCSConfig:
             ``False`` keeps FSDP's flat collectives. Gathered parameters are bitwise the
             same either way; reduced gradients may differ in the last bits (the sums are
             grouped differently).
+        forward_prefetch: unshard asynchronously, each block's all-gather issued while
+            the previous block computes: FSDP2 explicit forward prefetching (the root
+            prefetches the first block, each block the next, in module order, the order a
+            transformer runs its layers) with ``async_op=True`` unshards, also in
+            backward (FSDP2's implicit backward prefetch). The hierarchical all-gather
+            then runs its inter-node stage in the background too. Use it where FSDP2's
+            implicit, stream-based prefetching does nothing: CPU/gloo runs (the emulated
+            clusters, ``make train``). On GPUs the default already overlaps; this
+            additionally allocates all-gather buffers on the default stream (no
+            inter-stream fragmentation) but no longer overlaps the copy-in with compute.
+            Uses FSDP2's private ``_set_unshard_async_op``.
         comm_stats: record every parameter all-gather, gradient reduce-scatter and
             cross-replica all-reduce (count, logical bytes, intra- or inter-node) in a
             :class:`~lightning_mics.accounting.CommStats`, read with
@@ -121,6 +132,7 @@ class MiCSConfig:
     sync_replicas: bool = True
     comm_stats: bool = True
     hierarchical: Hierarchical = "auto"
+    forward_prefetch: bool = False
     init_fn: Callable[[nn.Module], Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -154,6 +166,7 @@ class MiCSConfig:
             "cpu_offload",
             "sync_replicas",
             "comm_stats",
+            "forward_prefetch",
         ):
             # NOTE: a string such as "false" would otherwise silently mean True.
             if not isinstance(getattr(self, name), bool):

@@ -9,8 +9,9 @@ topology) and plain arguments that can be read, tested and reused alone:
 3. :func:`apply_activation_checkpointing` on the outermost of them;
 4. :func:`apply_fully_shard`: ``fully_shard`` on every unit (children first), then the root;
 5. :func:`apply_comms`: the hierarchical comms and the recording of every collective;
-6. :func:`apply_meta_init`: a meta-device model materialised shard by shard;
-7. :func:`sync_replicas`: replica 0's values copied to the other replicas.
+6. :func:`apply_forward_prefetch` (opt-in): asynchronous unshard, one block ahead;
+7. :func:`apply_meta_init`: a meta-device model materialised shard by shard;
+8. :func:`sync_replicas`: replica 0's values copied to the other replicas.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def apply_mics(
         apply_activation_checkpointing(outermost(model, blocks))
     apply_fully_shard(model, blocks, mesh, config, device)
     apply_comms(model, topology, mesh, comms, record=config.comm_stats)
+    if config.forward_prefetch:
+        apply_forward_prefetch(model, outermost(model, blocks))
     if any(t.is_meta for t in chain(model.parameters(), model.buffers())):
         apply_meta_init(model, mesh, config, device)
     if config.sync_replicas:
@@ -239,6 +242,25 @@ def apply_comms(
         all_gather=all_gather,
         reduce_scatter=reduce_scatter,
     )
+
+
+def apply_forward_prefetch(model: nn.Module, blocks: list[nn.Module]) -> None:
+    """Asynchronous unshard with explicit forward prefetching on the sharded ``model``:
+    the root prefetches the first of ``blocks``, each block the next one (``blocks`` in
+    the order forward runs them).
+
+    NOTE: with ``async_op=True`` an all-gather returns at once and runs while the
+    current block computes; FSDP waits for it in the prefetched block's pre-forward.
+    Backward prefetching stays FSDP2's implicit one (by reverse post-forward order),
+    which then is asynchronous too. A block that runs out of this order is still
+    correct (its prefetched all-gather is waited for when it runs or at the end of
+    backward); only the overlap is lost.
+    """
+    assert isinstance(model, FSDPModule)
+    _fsdp_internals.set_unshard_async_op(model, True)
+    sharded = [b for b in blocks if isinstance(b, FSDPModule)]
+    for module, nxt in zip([model, *sharded], sharded, strict=False):
+        module.set_modules_to_forward_prefetch([nxt])
 
 
 def apply_meta_init(

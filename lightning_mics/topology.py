@@ -260,6 +260,30 @@ def _hierarchical_problem(topology: MiCSTopology) -> str | None:
     return None
 
 
+#: Largest buffer (bytes) of a hierarchical all-gather or reduce-scatter whose intra-node
+#: stage runs as one collective (through a full-size temporary and one strided copy);
+#: larger buffers run it as one collective per node of the partition (temporary: 1/k).
+#: NOTE: below it the stage is latency-bound, so a call costs more than the copy (gloo,
+#: 2 x 2 ranks on 2 cores: one call takes 0.4-0.75x the time of two at 0.4-0.8 MB
+#: buffers, 0.85-1.3x at 1.6-4 MB), and the temporary stays small; above it the
+#: transfer dominates and memory matters more. NCCL launches are cheaper, copies too.
+BATCHED_INTRA_STAGE_MAX_BYTES = 1 << 20
+
+
+def intra_stage_calls(buffer_bytes: float, nodes_per_partition: int) -> int:
+    """Collectives that the intra-node stage of a hierarchical all-gather or
+    reduce-scatter of ``buffer_bytes`` (the gathered / unreduced size) issues."""
+    return 1 if buffer_bytes <= BATCHED_INTRA_STAGE_MAX_BYTES else nodes_per_partition
+
+
+def staging_bytes(buffer_bytes: float, ranks_per_node: int, nodes_per_partition: int) -> float:
+    """Temporary memory of one hierarchical all-gather or reduce-scatter of
+    ``buffer_bytes``: the inter-node stage's ``1/k`` of it, plus a full-size buffer when
+    the intra-node stage runs as one collective."""
+    batched = intra_stage_calls(buffer_bytes, nodes_per_partition) == 1
+    return buffer_bytes / ranks_per_node + (buffer_bytes if batched else 0.0)
+
+
 def use_hierarchical(setting: Hierarchical, topology: MiCSTopology) -> bool:
     """Whether ``topology`` runs hierarchical collectives under ``MiCSConfig.hierarchical``
     = ``setting``: the one place where that option is decided.

@@ -16,7 +16,12 @@ from torch import nn
 
 from lightning_mics import MiCSConfig, MiCSTopology, MiCSTopologyError
 from lightning_mics.collectives import _stage_ops
-from lightning_mics.topology import check_hierarchical, inter_node_groups, intra_node_groups
+from lightning_mics.topology import (
+    BATCHED_INTRA_STAGE_MAX_BYTES,
+    check_hierarchical,
+    inter_node_groups,
+    intra_node_groups,
+)
 from recipes.gpt import GPT
 from tests.launch import run_script
 from tests.scripts.hier_checks import ACCUM, LAYOUTS, PADDED, RAFW, STEPS
@@ -62,22 +67,50 @@ def flat_volumes(p: int) -> tuple[int, int]:
 def test_all_gather_is_bitwise_the_flat_one(report, layout):
     per_rank = report["unit"][layout]
     assert len(per_rank) == WORLD
+    k, p = LAYOUTS[layout]
+    n = p // k
     for rank, result in enumerate(per_rank):
         checks = result["all_gather"]
-        assert {key.split("-")[0] for key in checks} == {"uint8", "bfloat16", "float32"}
+        assert {tuple(key.split("-")[0].split("/")) for key in checks} == {
+            (variant, dtype)
+            for variant in ("batched", "per_node")
+            for dtype in ("uint8", "bfloat16", "float32")
+        }
         for key, check in checks.items():
             assert check["equal_expected"] and check["equal_flat"], (layout, rank, key, check)
             assert check["returned_none"], (layout, rank, key)
+            # one inter-node collective (n ranks), then one or n intra-node ones (k ranks)
+            if not key.endswith("-0x4"):
+                intra = 1 if key.startswith("batched/") else n
+                assert check["calls"] == [["all_gather", n]] + [["all_gather", k]] * intra
         # the uint8 buffers really are bytes (4 per fp32 element)
-        assert checks["uint8-3x5"]["dtype"] == "torch.uint8"
+        assert checks["batched/uint8-3x5"]["dtype"] == "torch.uint8"
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_async_all_gather_defers_the_intra_node_stage_to_wait(report, layout):
+    for rank, result in enumerate(report["unit"][layout]):
+        for key, check in result["all_gather_async"].items():
+            if key.endswith("-0x4"):  # nothing to gather: nothing issued, nothing to wait on
+                assert check["work"] == "None", (layout, rank, key)
+                continue
+            assert check["work"] == "StagedWork", (layout, rank, key)
+            # stage 1 writes a temporary, stage 2 (in wait) the output
+            assert check["untouched_before_wait"], (layout, rank, key)
+            assert check["equal_expected"] and check["completed"], (layout, rank, key)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_reduce_scatter_matches_the_flat_one(report, layout):
+    k, p = LAYOUTS[layout]
+    n = p // k
     for rank, result in enumerate(report["unit"][layout]):
         for key, check in result["reduce_scatter"].items():
             assert check["returned_none"], (layout, rank, key)
-            if key.startswith("float32"):
+            if not key.endswith(("-c0-sum", "-c0-avg")):
+                intra = 1 if key.startswith("batched/") else n
+                assert check["calls"] == [["reduce_scatter", k]] * intra + [["reduce_scatter", n]]
+            if "/float32" in key:
                 # fp32: only the grouping of the additions differs
                 assert check["max_diff_flat"] <= 1e-6, (layout, rank, key, check)
                 assert check["max_err_hier"] <= 1e-6, (layout, rank, key, check)
@@ -112,9 +145,25 @@ def test_hierarchical_training_matches_flat_and_reference(report, layout):
     assert train["comms"]["flat"] == [["RecordingAllGather"], ["RecordingReduceScatter"]]
     assert train["hier_vs_flat_param_diff"] <= TOL
     assert train["hier_vs_flat_loss_diff"] <= TOL
+    # the two intra-node stage variants group the same sums the same way up to gloo
+    assert train["per_node_vs_batched_param_diff"] <= TOL
+    assert train["per_node_vs_batched_loss_diff"] <= TOL
     ref = train["reference"]
     assert ref["num_losses"] == ACCUM * STEPS
     assert ref["param_diff"] <= TOL and ref["loss_diff"] <= TOL, ref
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_forward_prefetch_runs_every_hierarchical_all_gather_async_and_bitwise(report, layout):
+    train = report["train"][layout]
+    _, blocks = unit_numels(LAYOUTS[layout][1])
+    # every unshard (the root's and each block's in forward, each block's in backward)
+    # went through the asynchronous path, on rank 0; the others are checked by equality
+    assert train["async_all_gathers"]["hier_prefetch"] == ACCUM * STEPS * (1 + 2 * len(blocks))
+    assert all(n == 0 for name, n in train["async_all_gathers"].items() if name != "hier_prefetch")
+    # same parameters, losses and collectives (bytes, counts, reach) as without prefetch
+    assert train["bitwise_prefetch"] == {"flat": True, "hier": True}
+    assert train["comms"]["hier_prefetch"] == train["comms"]["hier"]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -123,13 +172,22 @@ def test_inter_node_volume(report, layout):
     n = p // k
     train = report["train"][layout]
     all_gather, reduce_scatter = flat_volumes(p)
-    _, blocks = unit_numels(p)
+    root, blocks = unit_numels(p)
     flat_calls_ag = ACCUM * (1 + 2 * len(blocks))
     flat_calls_rs = ACCUM * (1 + len(blocks))
+
+    def calls(numel: int) -> int:  # inter-node stage + intra-node stage, by buffer size
+        return 1 + (1 if numel * FP32 <= BATCHED_INTRA_STAGE_MAX_BYTES else n)
+
+    batched_ag = ACCUM * (calls(root) + 2 * sum(calls(b) for b in blocks))
+    batched_rs = ACCUM * (calls(root) + sum(calls(b) for b in blocks))
+    # the tiny model's units are all small enough for the batched stage
+    assert batched_ag == 2 * flat_calls_ag and batched_rs == 2 * flat_calls_rs
     for rank in range(WORLD):
         for step in range(STEPS):
             flat = train["flat_snapshots"][rank][step]
             hier = train["hier_snapshots"][rank][step]
+            per_node = train["per_node_snapshots"][rank][step]
             # the flat figure, from the parameter sizes: all of it crosses nodes
             assert flat["all_gather_inter_node_bytes"] == all_gather
             assert flat["all_gather_intra_node_bytes"] == 0
@@ -142,15 +200,18 @@ def test_inter_node_volume(report, layout):
             assert hier["reduce_scatter_intra_node_bytes"] == reduce_scatter
             # per node: k ranks each receive (n-1) of the n chunks of their inter-node
             # stage from other nodes, i.e. (p-k)/p of a full buffer (MiCS Sec. 3.3)
-            per_node = k * hier["all_gather_inter_node_bytes"] * (n - 1) // n
-            assert per_node * p == all_gather * (p - k)
-            # one inter-node + n intra-node collectives per all-gather / reduce-scatter
-            assert (
-                hier["all_gather_count"]
-                == (1 + n) * flat_calls_ag
-                == (1 + n) * flat["all_gather_count"]
-            )
-            assert hier["reduce_scatter_count"] == (1 + n) * flat_calls_rs
+            into_node = k * hier["all_gather_inter_node_bytes"] * (n - 1) // n
+            assert into_node * p == all_gather * (p - k)
+            # one inter-node + one (batched) or n (per node) intra-node collectives per
+            # all-gather / reduce-scatter; the same bytes either way
+            assert hier["all_gather_count"] == batched_ag
+            assert hier["reduce_scatter_count"] == batched_rs
+            assert flat["all_gather_count"] == flat_calls_ag
+            assert per_node["all_gather_count"] == (1 + n) * flat_calls_ag
+            assert per_node["reduce_scatter_count"] == (1 + n) * flat_calls_rs
+            for key in hier:
+                if key.endswith("bytes"):
+                    assert per_node[key] == hier[key], key
             # the cross-replica all-reduce is untouched
             for key in ("all_reduce_count", "all_reduce_bytes", "all_reduce_inter_node_bytes"):
                 assert hier[key] == flat[key]

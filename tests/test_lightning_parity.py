@@ -30,10 +30,13 @@ CASES = {
         "2:2:3,2:4:3:last_micro_step_only",
         ("--manual", "--skip-last"),
     ),
+    # asynchronous unshard one block ahead; partition 4 spans both nodes (hierarchical)
+    "trainer-forward-prefetch": ("trainer_parity.py", 4, "2:4:2,2:2:1", ("--forward-prefetch",)),
     "fabric-w4": ("fabric_parity.py", 4, "2:1:4,2:2:1,2:4:4", ()),
     "fabric-w8": ("fabric_parity.py", 8, "2:4:1,4:4:4", ()),
     "fabric-by-name": ("fabric_parity.py", 4, "4:node:2", ("--by-name",)),
     "fabric-clip": ("fabric_parity.py", 4, "2:4:2", ("--clip", 0.05)),
+    "fabric-forward-prefetch": ("fabric_parity.py", 4, "2:4:2,2:2:1", ("--forward-prefetch",)),
     "fabric-skipped-step-and-short-window": (
         "fabric_parity.py",
         4,

@@ -291,9 +291,10 @@ def test_reduce_scatter_is_an_all_reduce_on_gloo():
 def test_hierarchical_all_gather_sends_p_minus_k_over_p():
     """p = 8 on 4 nodes of k = 2. Flat ring: each node sends (7/8) B = 875 kB, 7 steps.
     Hierarchical: stage 1, k = 2 inter-node rings of n = 4 ranks per node, each of output
-    B/k, so a node sends 2 x (3/4) x 500 kB = 750 kB = (p-k)/p B in 3 steps; stage 2,
-    n = 4 intra-node all-gathers over 2 ranks of B/n each (one per node's block, as
-    lightning_mics.collectives issues them): 4 x 1 step, 4 x (1/2) B/4 at 10 GB/s."""
+    B/k, so a node sends 2 x (3/4) x 500 kB = 750 kB = (p-k)/p B in 3 steps; stage 2, as
+    lightning_mics.collectives issues it: B = 1 MB <= 1 MiB, so one intra-node
+    all-gather over 2 ranks of B (1 step, (1/2) B at 10 GB/s); a 4 MB buffer takes
+    n = 4 of B/n each (one per node's block): 4 x 1 step, 4 x (1/2) B/4."""
     c = link_cluster()
     flat = ring(Kind.ALL_GATHER, B, GroupLayout.strided(8, 1, 2), c)
     assert flat.inter_node_bytes_per_node == 875_000
@@ -301,11 +302,17 @@ def test_hierarchical_all_gather_sends_p_minus_k_over_p():
     hier = hierarchical(Kind.ALL_GATHER, B, 8, c)
     assert hier.inter_node_bytes_per_node == 750_000 == (8 - 2) / 8 * B
     stage1 = 3 * 10e-6 + 750_000 / 125e6
-    stage2 = 4 * (1e-6 + 125_000 / 1e10)
+    stage2 = 1e-6 + 500_000 / 1e10
     assert hier.time == pytest.approx(stage1 + stage2)
-    # each collective call also pays the fixed overhead: 1 inter + 4 intra calls
+    big = hierarchical(Kind.ALL_GATHER, 4 * B, 8, c)
+    assert big.inter_node_bytes_per_node == 4 * 750_000
+    stage1 = 3 * 10e-6 + 4 * 750_000 / 125e6
+    stage2 = 4 * (1e-6 + 500_000 / 1e10)
+    assert big.time == pytest.approx(stage1 + stage2)
+    # each collective call also pays the fixed overhead: 1 inter + 1 (4) intra calls
     slow = replace(c, collective_overhead_us=100)
-    assert hierarchical(Kind.ALL_GATHER, B, 8, slow).time == pytest.approx(hier.time + 5e-4)
+    assert hierarchical(Kind.ALL_GATHER, B, 8, slow).time == pytest.approx(hier.time + 2e-4)
+    assert hierarchical(Kind.ALL_GATHER, 4 * B, 8, slow).time == pytest.approx(big.time + 5e-4)
     assert ring(Kind.ALL_GATHER, B, GroupLayout.strided(8, 1, 2), slow).time == pytest.approx(
         flat.time + 1e-4
     )

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from lightning_mics.planner.specs import Backend, ClusterSpec
+from lightning_mics.topology import intra_stage_calls
 
 
 class Kind(str, Enum):
@@ -168,14 +169,17 @@ def hierarchical(
     """MiCS's two-stage all-gather (inter-node, then intra-node) or reduce-scatter
     (intra-node, then inter-node) over a partition of ``partition_size`` ranks spanning
     ``n = partition_size / k`` nodes; the stages run one after the other. As
-    `lightning_mics.collectives` issues them: one inter-node collective of ``B / k`` and
-    ``n`` intra-node collectives of ``B / n`` (one per node's block of the buffer)."""
+    `lightning_mics.collectives` issues them: one inter-node collective of ``B / k``, and
+    one intra-node collective of ``B`` or, above
+    `~lightning_mics.topology.BATCHED_INTRA_STAGE_MAX_BYTES`, ``n`` of ``B / n`` (one
+    per node's block of the buffer). The batched stage's strided copy is not modelled."""
     k = cluster.ranks_per_node
     n = partition_size // k
     if kind is Kind.ALL_REDUCE or partition_size <= k or partition_size % k:
         raise ValueError("hierarchical collectives are all-gathers/reduce-scatters over >1 node")
     inter = ring(kind, buffer_bytes / k, GroupLayout.strided(n, k, k), cluster)
-    intra = ring(kind, buffer_bytes / n, GroupLayout.strided(k, 1, k), cluster).scaled(n)
+    calls = intra_stage_calls(buffer_bytes, n)
+    intra = ring(kind, buffer_bytes / calls, GroupLayout.strided(k, 1, k), cluster).scaled(calls)
     return inter + intra
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from lightning_mics.planner import specs
 from lightning_mics.planner.cost_model import padded_numel
+from lightning_mics.topology import staging_bytes
 
 #: Korthikanti et al.'s activation bytes per token per hidden unit of one block (16-bit).
 BLOCK_ACTIVATION_FACTOR = 34
@@ -166,7 +167,10 @@ def memory_breakdown(
             grad_buffers = root_numel * g + block_numel * (g + r)
         comm = 0.0
         if strategy.uses_hierarchical(cluster):
-            comm = (2 * block_numel * g + block_numel * r) / k
+            # two gathered blocks (this one and the prefetched next) and one block's
+            # reduce-scatter input in flight, each with its staging temporaries
+            n = p // k
+            comm = 2 * staging_bytes(block_numel * g, k, n) + staging_bytes(block_numel * r, k, n)
     with_ckpt = activation_bytes(model, training, True)
     without = activation_bytes(model, training, False)
     return MemoryBreakdown(

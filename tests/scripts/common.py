@@ -40,7 +40,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=float, default=None, help="clip gradients to this norm")
     p.add_argument("--skip-last", action="store_true", help="skip each window's last backward")
     p.add_argument("--extra", type=int, default=0, help="micro-batches in a short last window")
+    p.add_argument("--forward-prefetch", action="store_true", help="MiCS forward_prefetch=True")
     return p
+
+
+def check_forward_prefetch(model: torch.nn.Module, expected: bool) -> None:
+    """Raise unless every FSDP unit of ``model`` unshards asynchronously exactly when
+    ``expected`` (i.e. the strategy passed ``forward_prefetch`` on to MiCS)."""
+    from lightning_mics._fsdp_internals import param_groups
+
+    flags = {group.unshard_async_op for group in param_groups(model)}
+    if flags != {expected}:
+        raise RuntimeError(f"forward_prefetch={expected} but the units' async unshard: {flags}")
 
 
 @dataclass(frozen=True)

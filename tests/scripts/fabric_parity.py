@@ -21,6 +21,7 @@ def run(cfg: common.RunConfig, world: int, args) -> tuple[list[float], dict]:
             partition_size=cfg.partition_size,
             ranks_per_node=cfg.ranks_per_node,
             accumulation=cfg.mode,
+            forward_prefetch=args.forward_prefetch,
         )
     fabric = Fabric(strategy=strategy, accelerator="cpu", devices=world)
     fabric.launch()
@@ -40,6 +41,7 @@ def run(cfg: common.RunConfig, world: int, args) -> tuple[list[float], dict]:
                 fabric.clip_gradients(model, optimizer, max_norm=clip)
             optimizer.step()
             optimizer.zero_grad()
+    common.check_forward_prefetch(model.module, args.forward_prefetch)
     return losses, common.full_state(model)
 
 

@@ -16,14 +16,17 @@ Two emulated layouts: ``n2k4p8`` = 2 nodes x 4 ranks, partition 8 (1 replica), a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
-from lightning_mics import MiCSConfig, MiCSTopology, apply_mics, micro_step
+from lightning_mics import MiCSConfig, MiCSTopology, apply_mics, collectives, micro_step
+from lightning_mics import topology as layout_rules
 from lightning_mics.accounting import comm_stats
 from lightning_mics.collectives import HierarchicalAllGather, HierarchicalReduceScatter
 from lightning_mics.process_groups import get_device_mesh, get_hierarchical_groups
@@ -41,6 +44,38 @@ RAFW = 4
 #: neither 4 nor 8 divides, so that FSDP pads.
 PADDED = dataclasses.replace(common.TINY, vocab_size=common.TINY.vocab_size + 1)
 CPU = torch.device("cpu")
+
+
+class CountingStagedWork(collectives.StagedWork):
+    """`StagedWork` that counts its instances: asynchronous hierarchical all-gathers."""
+
+    created = 0
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        CountingStagedWork.created += 1
+
+
+@contextlib.contextmanager
+def intra_stage(variant: str) -> Iterator[None]:
+    """Run hierarchical collectives with their intra-node stage ``"batched"`` (one
+    collective, whatever the size) or ``"per_node"`` (one per node, whatever the size)."""
+    saved = layout_rules.BATCHED_INTRA_STAGE_MAX_BYTES
+    layout_rules.BATCHED_INTRA_STAGE_MAX_BYTES = {"batched": float("inf"), "per_node": -1}[variant]
+    try:
+        yield
+    finally:
+        layout_rules.BATCHED_INTRA_STAGE_MAX_BYTES = saved
+
+
+class CallLog:
+    """A stand-in `CommStats`: the (kind, group size) of every recorded collective."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def record(self, kind: str, nbytes: int, group: dist.ProcessGroup) -> None:
+        self.calls.append((kind, group.size()))
 
 
 def all_ranks(obj: Any) -> list[Any]:
@@ -75,21 +110,29 @@ def _shard_buffers(
     return full_flat, output, inp
 
 
-def check_comms(topology: MiCSTopology) -> dict[str, Any]:
+def _check_variant(
+    out: dict[str, Any],
+    variant: str,
+    topology: MiCSTopology,
+    group: dist.ProcessGroup,
+    groups: Any,
+) -> None:
+    """Unit checks of one intra-node stage variant, into ``out[...]["<variant>/<case>"]``."""
     rank = dist.get_rank()
     p = topology.partition_size
     prank = topology.partition_rank(rank)
-    group = get_device_mesh(topology, CPU).get_group("shard")  # the partition group
-    groups = get_hierarchical_groups(topology)
     ag, rs = HierarchicalAllGather(groups), HierarchicalReduceScatter(groups)
-    out: dict[str, Any] = {"all_gather": {}, "reduce_scatter": {}}
+    log = CallLog()
+    ag.attach_stats(log)
+    rs.attach_stats(log)
     shapes = [(3, 5), (13, 2), (2 * p, 3), (0, 4)]  # empty trailing shards, padding, exact, empty
     for dtype in (torch.uint8, torch.bfloat16, torch.float32):
         for rows, cols in shapes:
-            key = f"{str(dtype).removeprefix('torch.')}-{rows}x{cols}"
+            key = f"{variant}/{str(dtype).removeprefix('torch.')}-{rows}x{cols}"
             full, output, inp = _shard_buffers(rows, cols, p, prank, dtype, seed=rows * 31 + cols)
             flat = torch.full_like(full, 9)
             dist.all_gather_single(flat, full[prank * inp.numel() :][: inp.numel()], group=group)
+            log.calls.clear()
             returned = ag(output, inp, group)
             out["all_gather"][key] = {
                 "equal_expected": bool(torch.equal(output, full)),
@@ -97,6 +140,21 @@ def check_comms(topology: MiCSTopology) -> dict[str, Any]:
                 "returned_none": returned is None,
                 "dtype": str(output.dtype),
                 "numel": output.numel(),
+                "calls": list(log.calls),
+            }
+            # asynchronous: stage 1 in flight, the output untouched until wait()
+            _, output, inp = _shard_buffers(rows, cols, p, prank, dtype, seed=rows * 31 + cols)
+            before = output.clone()
+            work = ag(output, inp, group, async_op=True)
+            untouched = bool(torch.equal(output, before))
+            if work is not None:
+                work.wait()
+                work.wait()  # a second wait is a no-op
+            out["all_gather_async"][key] = {
+                "work": "StagedWork" if isinstance(work, collectives.StagedWork) else repr(work),
+                "untouched_before_wait": untouched,
+                "equal_expected": bool(torch.equal(output, full)),
+                "completed": work is None or work.is_completed(),
             }
     # reduce-scatter: random inputs per rank, SUM and AVG, against the flat collective
     for dtype in (torch.float32, torch.bfloat16):
@@ -105,7 +163,9 @@ def check_comms(topology: MiCSTopology) -> dict[str, Any]:
             inp = torch.randn(p * chunk, generator=gen).to(dtype)
             for op_name, op in (("sum", dist.ReduceOp.SUM), ("avg", dist.ReduceOp.AVG)):
                 hier = torch.full((chunk,), 3.0, dtype=dtype)
+                log.calls.clear()
                 returned = rs(hier, inp.clone(), group, op)
+                calls = list(log.calls)
                 flat = torch.empty(chunk, dtype=dtype)
                 # gloo has no AVG: the flat reference sums, then divides
                 dist.reduce_scatter_single(flat, inp.clone(), op=dist.ReduceOp.SUM, group=group)
@@ -118,7 +178,7 @@ def check_comms(topology: MiCSTopology) -> dict[str, Any]:
                 exact = sum(all_inputs[r].double() for r in members).reshape(p, chunk)[prank]
                 if op_name == "avg":
                     exact = exact / p
-                key = f"{str(dtype).removeprefix('torch.')}-c{chunk}-{op_name}"
+                key = f"{variant}/{str(dtype).removeprefix('torch.')}-c{chunk}-{op_name}"
                 out["reduce_scatter"][key] = {
                     "max_diff_flat": (hier.double() - flat.double()).abs().max().item()
                     if chunk
@@ -126,7 +186,18 @@ def check_comms(topology: MiCSTopology) -> dict[str, Any]:
                     "max_err_hier": (hier.double() - exact).abs().max().item() if chunk else 0.0,
                     "max_err_flat": (flat.double() - exact).abs().max().item() if chunk else 0.0,
                     "returned_none": returned is None,
+                    "calls": calls,
                 }
+
+
+def check_comms(topology: MiCSTopology) -> dict[str, Any]:
+    group = get_device_mesh(topology, CPU).get_group("shard")  # the partition group
+    groups = get_hierarchical_groups(topology)
+    out: dict[str, Any] = {"all_gather": {}, "all_gather_async": {}, "reduce_scatter": {}}
+    for variant in ("batched", "per_node"):
+        with intra_stage(variant):
+            _check_variant(out, variant, topology, group, groups)
+    ag = HierarchicalAllGather(groups)
     # a group other than the partition group (an int reshard_after_forward's) runs flat
     sub = groups.intra
     k = topology.ranks_per_node
@@ -161,8 +232,16 @@ def _installed_comms(model: torch.nn.Module) -> tuple[set[str], set[str]]:
 
 
 def train(
-    topology: MiCSTopology, config: MiCSConfig, *, all_gather_only: bool = False
+    topology: MiCSTopology,
+    config: MiCSConfig,
+    *,
+    all_gather_only: bool = False,
+    intra: str | None = None,
 ) -> dict[str, Any]:
+    """Train; ``intra`` forces the intra-node stage variant (see `intra_stage`)."""
+    if intra is not None:
+        with intra_stage(intra):
+            return train(topology, config, all_gather_only=all_gather_only)
     world = topology.world_size
     model = common.make_model()
     apply_mics(model, topology, config)
@@ -172,6 +251,7 @@ def train(
     if stats is not None:
         stats.reset()  # sync_replicas broadcast at setup; count the steps only
     opt = common.make_optimizer(model.parameters())
+    staged_before = CountingStagedWork.created
     losses, snapshots = [], []
     for i, (x, y) in enumerate(common.make_loader(world, MICRO_BATCH, ACCUM, STEPS)):
         is_last = (i + 1) % ACCUM == 0
@@ -199,6 +279,7 @@ def train(
         "all_gather_comms": sorted(ags),
         "reduce_scatter_comms": sorted(rss),
         "flat_calls": flat_calls,
+        "async_all_gathers": CountingStagedWork.created - staged_before,
     }
 
 
@@ -214,10 +295,18 @@ def check_training(topology: MiCSTopology) -> dict[str, Any]:
         "flat_bf16": MiCSConfig(hierarchical=False, param_dtype="bf16", comm_stats=False),
         "hier_ag_bf16": MiCSConfig(hierarchical=False, param_dtype="bf16", comm_stats=False),
         "hier": MiCSConfig(),  # "auto": on, since partitions span nodes
+        "flat_prefetch": MiCSConfig(hierarchical=False, forward_prefetch=True),
+        "hier_prefetch": MiCSConfig(forward_prefetch=True),
+        "hier_per_node": MiCSConfig(),
     }
     results = {}
     for name, config in runs.items():
-        results[name] = train(topology, config, all_gather_only=name.startswith("hier_ag"))
+        results[name] = train(
+            topology,
+            config,
+            all_gather_only=name.startswith("hier_ag"),
+            intra="per_node" if name == "hier_per_node" else None,
+        )
     out: dict[str, Any] = {}
     if dist.get_rank() == 0:
         flat, hier = results["flat"], results["hier"]
@@ -237,9 +326,25 @@ def check_training(topology: MiCSTopology) -> dict[str, Any]:
             "hier_vs_flat_loss_diff": max(
                 abs(a - b) for a, b in zip(hier["losses"], flat["losses"], strict=True)
             ),
+            "per_node_vs_batched_param_diff": common.max_abs_diff(
+                results["hier_per_node"]["state"], hier["state"]
+            ),
+            "per_node_vs_batched_loss_diff": max(
+                abs(a - b)
+                for a, b in zip(results["hier_per_node"]["losses"], hier["losses"], strict=True)
+            ),
+            "per_node_snapshots": results["hier_per_node"]["snapshots"],
             "reference": common.compare_with_reference(
                 hier["losses"], hier["state"], world, MICRO_BATCH, ACCUM, STEPS
             ),
+            # asynchronous unshard changes when collectives run, not what they compute
+            "bitwise_prefetch": {
+                name: bitwise_equal(results[f"{name}_prefetch"]["state"], results[name]["state"])
+                and results[f"{name}_prefetch"]["losses"] == results[name]["losses"]
+                and results[f"{name}_prefetch"]["snapshots"] == results[name]["snapshots"]
+                for name in ("flat", "hier")
+            },
+            "async_all_gathers": {name: r["async_all_gathers"] for name, r in results.items()},
             "flat_snapshots": flat["snapshots"],
             "hier_snapshots": hier["snapshots"],
             "comms": {
@@ -313,6 +418,7 @@ if __name__ == "__main__":
     # `common.make_model()` = `GPT(common.TINY)`; point it at the padded model (only when
     # run as a script: tests import this module for its constants).
     common.TINY = PADDED
+    collectives.StagedWork = CountingStagedWork  # looked up by the all-gather at call time
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     main()

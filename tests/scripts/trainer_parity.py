@@ -51,6 +51,7 @@ def run(cfg: common.RunConfig, world: int, args) -> tuple[list[float], dict]:
             partition_size=cfg.partition_size,
             ranks_per_node=cfg.ranks_per_node,
             accumulation=cfg.mode,
+            forward_prefetch=args.forward_prefetch,
         ),
         accelerator="cpu",
         devices=world,
@@ -66,6 +67,7 @@ def run(cfg: common.RunConfig, world: int, args) -> tuple[list[float], dict]:
     )
     module = (ManualLitGPT if args.manual else ParityLitGPT)(cfg.accum, args.skip_last)
     trainer.fit(module, common.make_loader(world, micro_batch, cfg.accum, steps, args.extra))
+    common.check_forward_prefetch(module, args.forward_prefetch)
     losses = [common.mean_over_world(v) for v in module.losses]
     state = {k.removeprefix("model."): v for k, v in common.full_state(module).items()}
     return losses, state
