@@ -29,6 +29,7 @@ def test_defaults():
     assert c.cpu_offload is False
     assert c.wrap_policy is None
     assert c.sync_replicas is True
+    assert c.forward_prefetch is False
 
 
 # ------------------------------------------------------------------------- sizes
@@ -119,7 +120,10 @@ def test_reshard_after_forward_bad(value):
 
 
 # ------------------------------------------------------------------------- flags
-@pytest.mark.parametrize("name", ["activation_checkpointing", "cpu_offload", "sync_replicas"])
+@pytest.mark.parametrize(
+    "name",
+    ["activation_checkpointing", "cpu_offload", "sync_replicas", "comm_stats", "forward_prefetch"],
+)
 @pytest.mark.parametrize("value", ["false", 0, 1, None])
 def test_flags_must_be_bool(name, value):
     with pytest.raises(ValueError, match=f"{name} must be a bool"):

@@ -29,8 +29,8 @@ full, plus the exposed first all-gather of each micro-step and the last reduce-s
 With gloo (CPU) FSDP2 issues every collective with ``async_op=False``, which blocks the
 calling thread: nothing overlaps and the step is the plain sum (DDP's reducer is
 asynchronous on both backends and keeps its overlap). ``StrategySpec.async_gathers``
-models FSDP2's private asynchronous unshard on gloo (``benchmarks/async_stages.py``):
-all-gathers then overlap with compute, reduce-scatters still block.
+models ``MiCSConfig(forward_prefetch=True)`` on gloo (FSDP2's asynchronous unshard, one
+block ahead): all-gathers then overlap with compute, reduce-scatters still block.
 
 FLOPs: :meth:`ModelSpec.hardware_flops` (with recomputation) at the cluster's achievable
 rate; the reported TFLOPS per GPU are given both ways: *model* TFLOPS (no recomputation:

@@ -74,6 +74,30 @@ def test_nccl_reduce_ops_match_reference() -> None:
             assert result["comms"] == [expected], (str(cfg), result["comms"])
 
 
+def test_nccl_forward_prefetch_matches_reference() -> None:
+    """``forward_prefetch=True`` on NCCL: asynchronous unshard (FSDP issues all-gathers on
+    the current stream and waits on the returned ``Work``; the hierarchical all-gather
+    runs its intra-node stage inside ``wait()``) trains like the reference."""
+    world = gpu_world()
+    if world < 2:
+        pytest.skip("needs >= 2 GPUs (the hierarchical all-gather: >= 4)")
+    configs = [Config(2, 2, 2)] + ([Config(2, 4, 2)] if world >= 4 else [])
+    text = ",".join(f"{c.ranks_per_node}:{c.partition_size}:{c.accum}" for c in configs)
+    report = run_script(
+        "reduce_op_checks.py",
+        world,
+        "--backend",
+        "nccl",
+        "--configs",
+        text,
+        "--forward-prefetch",
+        timeout=600,
+    )
+    for cfg in configs:
+        result = report[str(cfg)]
+        assert result["param_diff"] <= TOL and result["loss_diff"] <= TOL, (str(cfg), result)
+
+
 def test_cpu_offload_on_gpu() -> None:
     """Offload keeps sharded parameters (pinned), gradients and optimizer state on the
     host, computes on the GPU, and frees the GPU copies after use."""

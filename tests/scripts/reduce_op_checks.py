@@ -13,6 +13,9 @@ Reported per configuration, for `tests/test_reduce_ops.py`: the differences from
 reference, the comms installed, and every reduce-scatter / all-reduce that FSDP and the
 hierarchical stages issued on rank 0 during the training micro-steps, as
 ``"kind op [global ranks of the group] dtype"`` with a count (`comm_recorder`).
+``--forward-prefetch`` trains with ``MiCSConfig(forward_prefetch=True)`` (asynchronous
+unshard: on NCCL, FSDP's all-gathers then run on the current stream and the
+hierarchical one's intra-node stage is issued in ``Work.wait()``).
 """
 
 from __future__ import annotations
@@ -103,10 +106,17 @@ def installed_comms(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def run(cfg: Config, world: int, device: torch.device, recorder: Recorder) -> dict[str, Any]:
+def run(
+    cfg: Config,
+    world: int,
+    device: torch.device,
+    recorder: Recorder,
+    forward_prefetch: bool = False,
+) -> dict[str, Any]:
     model = common.make_model().to(device)
     topology = MiCSTopology.create(world, cfg.ranks_per_node, cfg.partition_size)
-    apply_mics(model, topology, MiCSConfig(), device=device)
+    config = MiCSConfig(forward_prefetch=forward_prefetch)
+    apply_mics(model, topology, config, device=device)
     if cfg.reduction == "divide":
         for module in model.modules():
             if isinstance(module, FSDPModule):
@@ -157,7 +167,7 @@ def main() -> None:
     world = dist.get_world_size()
     results: dict[str, Any] = {"world": world, "backend": dist.get_backend()}
     for cfg in parse(args.configs):
-        results[str(cfg)] = run(cfg, world, device, recorder)
+        results[str(cfg)] = run(cfg, world, device, recorder, args.forward_prefetch)
     common.report(args.out, **results)
     common.finish()
 
