@@ -160,9 +160,12 @@ def test_forward_prefetch_runs_every_hierarchical_all_gather_async_and_bitwise(r
     # every unshard (the root's and each block's in forward, each block's in backward)
     # went through the asynchronous path, on rank 0; the others are checked by equality
     assert train["async_all_gathers"]["hier_prefetch"] == ACCUM * STEPS * (1 + 2 * len(blocks))
-    assert all(n == 0 for name, n in train["async_all_gathers"].items() if name != "hier_prefetch")
+    assert all(n == 0 for name, n in train["async_all_gathers"].items() if "prefetch" not in name)
     # same parameters, losses and collectives (bytes, counts, reach) as without prefetch
     assert train["bitwise_prefetch"] == {"flat": True, "hier": True}
+    # with activation checkpointing (forward re-run in backward) as well
+    assert train["prefetch_ac_vs_hier_param_diff"] <= TOL
+    assert train["async_all_gathers"]["hier_prefetch_ac"] > 0
     assert train["comms"]["hier_prefetch"] == train["comms"]["hier"]
 
 
@@ -222,6 +225,7 @@ def test_int_reshard_after_forward_falls_back_to_flat(report):
     rafw = report["rafw"]
     assert rafw["comms"] == [["HierarchicalAllGather"], ["HierarchicalReduceScatter"]]
     assert rafw["param_diff"] <= TOL and rafw["loss_diff"] <= TOL, rafw
+    assert rafw["prefetch_bitwise"]
     k, p = 4, 8
     _, blocks = unit_numels(p)
     # every backward re-gather of a block runs flat over the post-forward group

@@ -298,6 +298,7 @@ def check_training(topology: MiCSTopology) -> dict[str, Any]:
         "flat_prefetch": MiCSConfig(hierarchical=False, forward_prefetch=True),
         "hier_prefetch": MiCSConfig(forward_prefetch=True),
         "hier_per_node": MiCSConfig(),
+        "hier_prefetch_ac": MiCSConfig(forward_prefetch=True, activation_checkpointing=True),
     }
     results = {}
     for name, config in runs.items():
@@ -334,6 +335,10 @@ def check_training(topology: MiCSTopology) -> dict[str, Any]:
                 for a, b in zip(results["hier_per_node"]["losses"], hier["losses"], strict=True)
             ),
             "per_node_snapshots": results["hier_per_node"]["snapshots"],
+            # recomputation in backward re-runs forward hooks: prefetching must cope
+            "prefetch_ac_vs_hier_param_diff": common.max_abs_diff(
+                results["hier_prefetch_ac"]["state"], hier["state"]
+            ),
             "reference": common.compare_with_reference(
                 hier["losses"], hier["state"], world, MICRO_BATCH, ACCUM, STEPS
             ),
@@ -359,12 +364,19 @@ def check_training(topology: MiCSTopology) -> dict[str, Any]:
 
 def check_rafw(topology: MiCSTopology) -> dict[str, Any]:
     result = train(topology, MiCSConfig(hierarchical=True, reshard_after_forward=RAFW))
+    prefetch = train(
+        topology,
+        MiCSConfig(hierarchical=True, reshard_after_forward=RAFW, forward_prefetch=True),
+    )
     ref = common.compare_with_reference(
         result["losses"], result["state"], topology.world_size, MICRO_BATCH, ACCUM, STEPS
     )
     return {
         **ref,
         "flat_calls": all_ranks(result["flat_calls"]),
+        # the post-forward group's flat all-gather runs asynchronously too
+        "prefetch_bitwise": bitwise_equal(prefetch["state"], result["state"])
+        and prefetch["losses"] == result["losses"],
         "comms": [result["all_gather_comms"], result["reduce_scatter_comms"]],
         "snapshots": result["snapshots"],
     }
