@@ -203,6 +203,8 @@ class Row:
     hierarchical: bool = False
     #: The same run's measured time at the file's fastest bandwidth.
     measured_at_fastest: float | None = None
+    #: Hierarchical runs: the time error of the flat run of the same cell.
+    flat_sibling_error: float | None = None
 
     @property
     def time_error(self) -> float:
@@ -281,8 +283,14 @@ def validate(
             if f == name and _bw_rate(r) == top:
                 key = (name, str(r.get("label", r["strategy"])), int(r["accumulation"]))
                 fastest_time[key] = float(r["median_step_time_s"])
+    by_cell = {(r.file, r.label, r.accumulation, r.bandwidth): r for r in rows}
     for row in rows:
         row.measured_at_fastest = fastest_time.get((row.file, row.label, row.accumulation))
+        if row.hierarchical and " hier" in row.label:
+            flat = by_cell.get(
+                (row.file, row.label.replace(" hier", " flat"), row.accumulation, row.bandwidth)
+            )
+            row.flat_sibling_error = flat.time_error if flat is not None else None
     return rows, machines, notes
 
 
@@ -307,9 +315,16 @@ def explain(row: Row) -> str:
             "critical path with a fixed share of the cores and cannot see that"
         )
     if row.hierarchical:
+        sibling = row.flat_sibling_error
+        common = (
+            f"the flat run of the same cell is over-predicted too ({_pct(sibling)}), so "
+            "most of the gap is the cell's, not the hierarchical path's; the rest: "
+            if sibling is not None and sibling > 0.1
+            else ""
+        )
         return (
-            "hierarchical, over-predicted: the model charges its 2 (buffers up to 1 MiB; "
-            "else 1 + n) sub-collectives and "
+            f"hierarchical, over-predicted: {common}the model charges its 2 (buffers up "
+            "to 1 MiB; else 1 + n) sub-collectives and "
             "its sequential intra-node (loopback) stage the per-call cost and loopback "
             "bandwidth fitted at the fastest link, where the ranks oversubscribe the cores "
             "and every call waits to be scheduled. Likely cause (not verified): at slower "
