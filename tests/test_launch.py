@@ -329,6 +329,35 @@ def test_hydra_submitit_launcher_asks_for_one_task_per_device(tmp_path, monkeypa
         assert f"{AWS_ENV} {cfg.cluster.instance_type}" in text
 
 
+def test_sweep_dir_is_the_same_where_submitted_and_in_the_job(monkeypatch) -> None:
+    """The multirun directory that the submitter creates (and puts ``.submitit/`` logs
+    in) is the one every array task writes to, whatever Slurm sets in the job."""
+    import pickle
+    import time
+
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration(
+            "train", ["hydra/launcher=slurm", "seed=1,2"], run_mode=RunMode.MULTIRUN
+        )
+        submitted = str(master.hydra.sweep.dir)
+        # the array task, later, on a compute node, from the pickled launcher (as
+        # submitit runs BaseSubmititLauncher.__call__)
+        master = pickle.loads(pickle.dumps(master))
+        monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "777")
+        monkeypatch.setenv("SLURM_JOB_ID", "778")
+        time.sleep(1.1)  # a later timestamp, had it been resolved anew
+        job = loader.load_sweep_config(master, ["seed=2"])
+        assert str(job.hydra.sweep.dir) == submitted
+        assert "777" not in submitted
+
+
 def test_multirun_on_slurm_submits_one_array_task_per_sweep_point(tmp_path) -> None:
     """``recipes/train.py -m hydra/launcher=slurm`` end to end up to ``sbatch`` (a fake
     one that keeps the submitted script and fails, so nothing waits for the jobs)."""
