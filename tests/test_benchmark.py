@@ -222,8 +222,8 @@ def test_gpt_tiny_config() -> None:
 
 # ------------------------------------------------------------------- end to end
 def test_runner_end_to_end_on_the_emulated_cluster(tmp_path: Path) -> None:
-    """One tiny configuration (2 nodes x 2 ranks, 1 Gbit/s, every strategy, accumulation
-    1, one step) through the command line: exit 0, the documented schema, the markdown
+    """One tiny configuration (2 nodes x 2 ranks, 1 Gbit/s, every strategy and the
+    ``--overlap`` pair, accumulation 1, one step) through the command line: exit 0, the documented schema, the markdown
     table and the PNG; kernel bytes within 5% of the analytic figure and of CommStats."""
     try:
         emu.check_available()
@@ -233,7 +233,7 @@ def test_runner_end_to_end_on_the_emulated_cluster(tmp_path: Path) -> None:
         sys.executable, "-m", "benchmarks.strategies", "--nodes", "2", "--ranks-per-node", "2",
         "--bandwidth", "1gbit", "--accumulation", "1", "--repeats", "1", "--steps", "1",
         "--seq-len", "16", "--micro-batch", "2", "--out", str(tmp_path),
-        "--log-dir", str(tmp_path / "logs"), "--timeout", "150",
+        "--log-dir", str(tmp_path / "logs"), "--timeout", "150", "--overlap",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
@@ -244,7 +244,7 @@ def test_runner_end_to_end_on_the_emulated_cluster(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "strategies_2x2.json").read_text())
     assert set(S.DOC_KEYS) <= doc.keys()
     assert doc["schema"] == S.SCHEMA and doc["schema_version"] == S.SCHEMA_VERSION
-    assert len(doc["runs"]) == 6
+    assert len(doc["runs"]) == 8  # 6 layouts + the spanning pair with forward_prefetch
     for run in doc["runs"]:
         assert set(S.RUN_KEYS) <= run.keys(), set(S.RUN_KEYS) - run.keys()
         assert run["nodes"] == 2 and run["ranks_per_node"] == 2 and run["bandwidth"] == "1gbit"
@@ -264,6 +264,15 @@ def test_runner_end_to_end_on_the_emulated_cluster(tmp_path: Path) -> None:
     for label, p in (("mics p=2", 2), ("fsdp (ZeRO-3, p=4)", 4), ("mics p=4 hier", 4)):
         assert by_label[label]["memory_per_rank_bytes"]["params"] == pytest.approx(
             ddp / p, rel=0.01
+        )
+    # forward_prefetch (+async) changes when the all-gathers run, not what they move
+    for kind in ("flat", "hier"):
+        blocking, prefetch = by_label[f"mics p=4 {kind}"], by_label[f"mics p=4 {kind} +async"]
+        assert prefetch["async_unshard_prefetch"] and not blocking["async_unshard_prefetch"]
+        assert prefetch["collectives_per_step"] == blocking["collectives_per_step"]
+        assert (
+            prefetch["inter_node_bytes_per_step"]["commstats_logical"]
+            == blocking["inter_node_bytes_per_step"]["commstats_logical"]
         )
     md = (tmp_path / "strategies.md").read_text()
     assert "| strategy |" in md and "mics p=4 hier" in md
