@@ -16,7 +16,6 @@ this script on machines without GPUs; nothing is asserted from it).
 from __future__ import annotations
 
 import gc
-import os
 from typing import Any
 
 import torch
@@ -122,11 +121,7 @@ def main() -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     args = p.parse_args()
     if args.device == "cuda":
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        dist.init_process_group("nccl", device_id=device)
+        device = common.init_nccl()
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")

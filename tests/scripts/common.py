@@ -44,6 +44,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def init_nccl() -> torch.device:
+    """Join the NCCL default group on this rank's GPU (``LOCAL_RANK``), with TF32 off so
+    that GPU results can be compared with the CPU fp32 reference."""
+    local_rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dist.init_process_group("nccl", device_id=device)
+    return device
+
+
 def check_forward_prefetch(model: torch.nn.Module, expected: bool) -> None:
     """Raise unless every FSDP unit of ``model`` unshards asynchronously exactly when
     ``expected`` (i.e. the strategy passed ``forward_prefetch`` on to MiCS)."""

@@ -20,7 +20,6 @@ hierarchical one's intra-node stage is issued in ``Work.wait()``).
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -152,13 +151,7 @@ def main() -> None:
     p.add_argument("--backend", choices=("emulated", "nccl"), default="emulated")
     args = p.parse_args()
     if args.backend == "nccl":
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        # fp32 parity with the CPU reference: no TF32 matmuls
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        dist.init_process_group("nccl", device_id=device)
+        device = common.init_nccl()
     else:
         device = torch.device("cpu")
         dist.init_process_group(emulated_nccl.register())
